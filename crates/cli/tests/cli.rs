@@ -1,0 +1,223 @@
+//! The `cogview` binary as a user runs it, on the fixtures in `tests/fixtures`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn base() -> String {
+    fixtures().join("base/pipeline").to_string_lossy().into_owned()
+}
+
+fn cogview(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_cogview"))
+        .args(args)
+        .env_remove("COGVIEW_DEVICE")
+        .env_remove("COGVIEW_BACKEND")
+        .env_remove("COGVIEW_PRECISION")
+        .output()
+        .expect("cogview runs");
+    println!("$ cogview {}\n{}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failure: non-zero exit, one `error:` line, no panic.
+#[track_caller]
+fn assert_clean_error(o: &Output, needle: &str) {
+    assert!(!o.status.success());
+    let err = stderr(o);
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains(needle), "`{}` should contain `{needle}`", lines[0]);
+}
+
+#[test]
+fn devices_lists_lavapipe_and_the_cpu_backend() {
+    let o = cogview(&["devices"]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    let lvp = out.lines().find(|l| l.contains("llvmpipe")).expect("lavapipe is listed");
+    for word in ["software", "Vulkan", "wgsl", "storage+arith", "no"] {
+        assert!(lvp.contains(word), "`{lvp}` should say {word}");
+    }
+    assert!(out.lines().any(|l| l.contains("cpu") && l.contains("burn-flex")));
+    assert!(out.contains("cogview would use burn-flex CPU backend (CPU, cpu) in f32"), "{out}");
+    assert!(out.contains("lacks bf16 arithmetic"), "{out}");
+    assert!(out.contains("emulates bf16"), "{out}");
+    let json = cogview(&["devices", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert!(rows.iter().any(|r| r["adapter"]["api"] == "vulkan" && r["capabilities"]["bf16"]["arithmetic"] == false));
+    assert_eq!(rows.iter().filter(|r| r["selected"] == true).count(), 1);
+}
+
+#[test]
+fn bf16_is_refused_with_one_line() {
+    assert_clean_error(&cogview(&["devices", "--precision", "bf16"]), "lacks native bf16 arithmetic");
+    assert_clean_error(&cogview(&["devices", "--backend", "vulkan", "--precision", "bf16"]), "llvmpipe");
+    assert_clean_error(&cogview(&["devices", "--device", "42"]), "--device 42");
+}
+
+#[test]
+fn f16_on_lavapipe_is_accepted_after_the_self_test_or_refused() {
+    let o = cogview(&["devices", "--backend", "vulkan", "--precision", "f16"]);
+    if o.status.success() {
+        assert!(stdout(&o).contains("self-test in f16"), "{}", stdout(&o));
+    } else {
+        assert_clean_error(&o, "f16");
+    }
+}
+
+#[test]
+fn inspect_reports_counts_and_dtypes() {
+    let o = cogview(&["inspect", "--model", &base(), "--device", "cpu"]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    // Parameter counts straight from the files.
+    for (component, file) in [("transformer", "transformer/diffusion_pytorch_model.safetensors"), ("vae", "vae/diffusion_pytorch_model.safetensors")] {
+        let bytes = std::fs::read(fixtures().join("base/pipeline").join(file)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let params: usize = st.tensors().iter().map(|(_, t)| t.shape().iter().product::<usize>()).sum();
+        let section = out.split(&format!("\n{component} (")).nth(1).unwrap();
+        assert!(section.contains(&format!("parameters {params} in {} tensors", st.len())), "{component}: {params}\n{section}");
+        assert!(section.contains(&format!("stored     F32 {params}")), "{section}");
+    }
+    assert!(out.contains("ignored") == false || out.contains("tied to shared.weight"));
+    assert!(out.contains("precision     f32"));
+    let o = cogview(&["inspect", "--model", &fixtures().join("overflow/pipeline").to_string_lossy(), "--device", "cpu"]);
+    assert!(stdout(&o).contains("stored     BF16"));
+    assert_clean_error(&cogview(&["inspect", "--model", "/no/such/model"]), "/no/such/model does not exist");
+}
+
+#[test]
+fn tokenize_prints_padded_ids() {
+    let o = cogview(&["tokenize", "--model", &base(), "--prompt", "a cat", "--max-sequence-length", "8"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["input_ids"], serde_json::json!([5, 147, 14, 1, 0, 0, 0, 0]));
+    assert_eq!(v["attention_mask"], serde_json::json!([1, 1, 1, 1, 0, 0, 0, 0]));
+}
+
+/// The initial latents of the reference run `s4_g7_64x64`, written as bf16 (any float dtype
+/// is accepted).
+fn latents_file(dir: &Path) -> PathBuf {
+    let bytes = std::fs::read(fixtures().join("base/refs/pipeline.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("s4_g7_64x64.latents").unwrap();
+    let bf: Vec<u8> = t
+        .data()
+        .chunks_exact(4)
+        .flat_map(|c| half::bf16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+        .collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, t.shape().to_vec(), &bf).unwrap();
+    let path = dir.join("latents.safetensors");
+    std::fs::write(&path, safetensors::serialize([("latents", view)], None).unwrap()).unwrap();
+    path
+}
+
+fn png_text(path: &Path) -> Vec<(String, String)> {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    reader.info().uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect()
+}
+
+#[test]
+fn generate_writes_a_png_with_metadata_and_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let latents = latents_file(dir.path());
+    let png = dir.path().join("out.png");
+    let tensors = dir.path().join("t");
+    let o = cogview(&[
+        "generate", "--model", &base(), "--prompt", "A photo of a red fox sitting in the snow at sunrise, highly detailed, 4k.",
+        "--steps", "4", "--guidance", "7", "--width", "64", "--height", "64", "--seed", "3", "--device", "cpu",
+        "--latents", latents.to_str().unwrap(), "--save-tensors", tensors.to_str().unwrap(), "-o", png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    assert!(stderr(&o).contains("outside the model card's recommended sizes"));
+    let text = png_text(&png);
+    let get = |k: &str| text.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("no {k} in {text:?}"));
+    assert!(get("prompt").starts_with("A photo of a red fox"));
+    assert_eq!(get("negative_prompt"), "");
+    assert_eq!(get("seed"), "3");
+    assert_eq!(get("steps"), "4");
+    assert_eq!(get("guidance"), "7");
+    assert_eq!(get("size"), "64x64");
+    assert_eq!(get("precision"), "f32");
+    assert!(get("precision_reason").contains("emulates bf16"));
+    assert!(get("adapter").contains("burn-flex"));
+    assert!(get("software").starts_with("cogview "));
+    let bytes = std::fs::read(tensors.join("tensors.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("prompt_embeds").unwrap().shape(), [1, 224, 32]);
+    assert_eq!(st.tensor("negative_prompt_embeds").unwrap().shape(), [1, 224, 32]);
+    assert_eq!(st.tensor("step_latents").unwrap().shape(), [4, 1, 16, 8, 8]);
+    assert_eq!(st.tensor("image").unwrap().shape(), [1, 3, 64, 64]);
+    // Same seed, same image.
+    let png2 = dir.path().join("again.png");
+    let args = ["generate", "--model", &base(), "--prompt", "x", "--steps", "2", "--width", "64", "--height", "64", "--seed", "11", "--device", "cpu", "-o"];
+    let mut a = args.to_vec();
+    a.push(png.to_str().unwrap());
+    assert!(cogview(&a).status.success());
+    let mut b = args.to_vec();
+    b.push(png2.to_str().unwrap());
+    assert!(cogview(&b).status.success());
+    assert_eq!(std::fs::read(&png).unwrap(), std::fs::read(&png2).unwrap());
+}
+
+#[test]
+fn bad_generate_input_is_a_clear_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("out.png");
+    let p = png.to_str().unwrap();
+    let model = base();
+    let run = |extra: &[&str]| {
+        let mut a = vec!["generate", "--model", &model, "--prompt", "x", "--device", "cpu", "-o", p];
+        a.extend_from_slice(extra);
+        cogview(&a)
+    };
+    assert_clean_error(&run(&["--steps", "2", "--width", "72", "--height", "64"]), "--width 72: must be a positive multiple of 16");
+    assert_clean_error(&run(&["--steps", "2", "--width", "64", "--height", "1024"]), "--height 1024: at most 512");
+    assert_clean_error(&run(&["--width", "64", "--height", "64", "--steps", "0"]), "--steps 0");
+    let latents = latents_file(dir.path());
+    assert_clean_error(&run(&["--steps", "2", "--width", "64", "--height", "96", "--latents", latents.to_str().unwrap()]), "expected [1, 16, 12, 8]");
+    assert_clean_error(&run(&["--steps", "2", "--width", "64", "--height", "64", "--precision", "bf16"]), "bf16");
+    assert!(!png.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only the latents file");
+}
+
+/// A run killed half-way leaves neither the PNG nor a partial file.
+#[test]
+fn interrupted_run_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("out.png");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cogview"))
+        .args(["generate", "--model", &base(), "--prompt", "x", "--steps", "1000", "--width", "64", "--height", "64", "--device", "cpu", "-o"])
+        .arg(&png)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the denoising loop runs (its log line), then kill it.
+    use std::io::BufRead;
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    for line in stderr.lines() {
+        if line.unwrap().contains("denoise") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(!png.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no partial file");
+}

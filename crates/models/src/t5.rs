@@ -1,0 +1,324 @@
+//! The T5 encoder (google/t5-v1_1-xxl in CogView3-Plus), as transformers' `T5EncoderModel`.
+//!
+//! Reference: huggingface/transformers `src/transformers/models/t5/modeling_t5.py`; shared spec
+//! `spec/cogview3plus.md` §3. No attention mask (the pipeline passes none, so pad tokens take
+//! part), no 1/sqrt(d) scaling (T5 folds it into the init), a relative position bias computed
+//! from block 0's table and shared by every block, RMS norms with f32 statistics, a gated
+//! tanh-GELU feed-forward.
+//!
+//! The blocks are separate so the runtime can stream them (load one, run it, free it).
+
+use burn::tensor::activation::{gelu, relu, softmax};
+use burn::tensor::module::embedding;
+use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
+use serde::Deserialize;
+
+use crate::nn::{Linear, gelu_tanh, rms_norm};
+use crate::probe::Probe;
+use crate::weights::WeightSource;
+
+/// `text_encoder/config.json` (transformers `T5Config`), the keys the encoder uses.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct T5Config {
+    pub d_model: usize,
+    pub d_ff: usize,
+    pub d_kv: usize,
+    pub num_heads: usize,
+    pub num_layers: usize,
+    pub vocab_size: usize,
+    pub relative_attention_num_buckets: usize,
+    /// Absent from configs written before transformers 4.10; transformers' default then.
+    #[serde(default = "default_max_distance")]
+    pub relative_attention_max_distance: usize,
+    pub layer_norm_epsilon: f64,
+    /// `"gated-gelu"` (T5 v1.1), `"relu"` (T5 v1.0), `"gated-relu"` or `"gelu"`.
+    pub feed_forward_proj: String,
+}
+
+fn default_max_distance() -> usize {
+    128
+}
+
+impl T5Config {
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("d_model", self.d_model),
+            ("d_ff", self.d_ff),
+            ("d_kv", self.d_kv),
+            ("num_heads", self.num_heads),
+            ("num_layers", self.num_layers),
+            ("vocab_size", self.vocab_size),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("`{key}` must be positive"));
+        }
+        if self.relative_attention_num_buckets < 4 || self.relative_attention_num_buckets % 2 != 0 {
+            return Err(format!("relative_attention_num_buckets {} must be even and at least 4", self.relative_attention_num_buckets));
+        }
+        if self.relative_attention_max_distance <= self.relative_attention_num_buckets / 4 {
+            return Err("relative_attention_max_distance must exceed num_buckets / 4".into());
+        }
+        self.feed_forward().map(|_| ())
+    }
+
+    /// Whether the feed-forward is gated (`wi_0`, `wi_1`), and its activation. As in
+    /// transformers' `T5Config`: the last `-` part names the activation, except that
+    /// `gated-gelu` means the tanh approximation (`gelu_new`) for backward compatibility.
+    pub fn feed_forward(&self) -> Result<(bool, Activation), String> {
+        let proj = self.feed_forward_proj.as_str();
+        let (gated, act) = match proj.strip_prefix("gated-") {
+            Some(act) => (true, act),
+            None => (false, proj),
+        };
+        let act = match (proj, act) {
+            ("gated-gelu", _) | (_, "gelu_new") => Activation::GeluTanh,
+            (_, "gelu") => Activation::Gelu,
+            (_, "relu") => Activation::Relu,
+            _ => return Err(format!("feed_forward_proj `{proj}` is not supported (gated-gelu, gelu, gated-relu, relu)")),
+        };
+        Ok((gated, act))
+    }
+}
+
+/// The feed-forward activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu_new`: the tanh approximation.
+    GeluTanh,
+    /// The exact (erf) GELU.
+    Gelu,
+    Relu,
+}
+
+/// The relative-position bucket of `key - query` (bidirectional), computed as transformers
+/// does: the log in f32, then truncated toward zero.
+pub fn relative_position_bucket(relative_position: i64, num_buckets: usize, max_distance: usize) -> usize {
+    let num_buckets = (num_buckets / 2) as i64;
+    let mut bucket = if relative_position > 0 { num_buckets } else { 0 };
+    let n = relative_position.abs();
+    let max_exact = num_buckets / 2;
+    if n < max_exact {
+        bucket += n;
+    } else {
+        // torch: log(n.float() / max_exact) / math.log(max_distance / max_exact) * (nb - max_exact),
+        // all in f32 (the Python doubles are rounded to f32 when they meet the f32 tensor).
+        let log_ratio = (n as f32 / max_exact as f32).ln();
+        let denominator = (max_distance as f64 / max_exact as f64).ln() as f32;
+        let large = max_exact + (log_ratio / denominator * (num_buckets - max_exact) as f32) as i64;
+        bucket += large.min(num_buckets - 1);
+    }
+    bucket as usize
+}
+
+/// One encoder block: self-attention, then feed-forward, each with a pre-norm and a residual.
+#[derive(Clone, Debug)]
+pub struct T5Block {
+    /// `layer.0.layer_norm.weight`
+    pub attn_norm: Tensor<1>,
+    /// `layer.0.SelfAttention.{q,k,v,o}`
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    /// `layer.1.layer_norm.weight`
+    pub ff_norm: Tensor<1>,
+    /// `layer.1.DenseReluDense.wi` (`wi_0` when gated)
+    pub wi_0: Linear,
+    /// `layer.1.DenseReluDense.wi_1` (gated only)
+    pub wi_1: Option<Linear>,
+    /// `layer.1.DenseReluDense.wo`
+    pub wo: Linear,
+    heads: usize,
+    d_kv: usize,
+    act: Activation,
+    eps: f64,
+}
+
+impl T5Block {
+    /// `w` is under `encoder.block.{i}`.
+    pub fn load(w: &impl WeightSource, c: &T5Config) -> Self {
+        let (gated, act) = c.feed_forward().unwrap_or((true, Activation::GeluTanh));
+        let inner = c.num_heads * c.d_kv;
+        let attn = w.pp("layer.0.SelfAttention");
+        let ff = w.pp("layer.1.DenseReluDense");
+        let wi_0 = if gated { ff.pp("wi_0") } else { ff.pp("wi") };
+        Self {
+            attn_norm: w.pp("layer.0.layer_norm").tensor("weight", [c.d_model]),
+            q: Linear::load(&attn.pp("q"), c.d_model, inner, false),
+            k: Linear::load(&attn.pp("k"), c.d_model, inner, false),
+            v: Linear::load(&attn.pp("v"), c.d_model, inner, false),
+            o: Linear::load(&attn.pp("o"), inner, c.d_model, false),
+            ff_norm: w.pp("layer.1.layer_norm").tensor("weight", [c.d_model]),
+            wi_0: Linear::load(&wi_0, c.d_model, c.d_ff, false),
+            wi_1: gated.then(|| Linear::load(&ff.pp("wi_1"), c.d_model, c.d_ff, false)),
+            wo: Linear::load(&ff.pp("wo"), c.d_ff, c.d_model, false),
+            heads: c.num_heads,
+            d_kv: c.d_kv,
+            act,
+            eps: c.layer_norm_epsilon,
+        }
+    }
+
+    /// `name` is the block's checkpoint prefix (`encoder.block.3`), for the probe.
+    ///
+    /// # Shapes
+    /// - h: `[B, L, D]`, position_bias: `[1, H, L, L]` (f32) → `[B, L, D]`
+    pub fn forward(&self, h: Tensor<3>, position_bias: &Tensor<4>, name: &str, probe: &mut impl Probe) -> Tensor<3> {
+        let [b, l, _] = h.dims();
+        let n = rms_norm(h.clone(), &self.attn_norm, self.eps);
+        let split = |x: Tensor<3>| x.reshape([b, l, self.heads, self.d_kv]).swap_dims(1, 2); // [B, H, L, dk]
+        let (q, k, v) = (split(self.q.forward(n.clone())), split(self.k.forward(n.clone())), split(self.v.forward(n)));
+        let dtype = v.dtype();
+        // Scores and softmax in f32 (torch's SDPA accumulates in f32); no 1/sqrt(d_kv).
+        let scores = q.cast(FloatDType::F32).matmul(k.cast(FloatDType::F32).swap_dims(2, 3)) + position_bias.clone();
+        let p = softmax(scores, 3).cast(dtype);
+        let a = p.matmul(v).swap_dims(1, 2).reshape([b, l, self.heads * self.d_kv]);
+        let a = self.o.forward(a);
+        probe.check(|| format!("{name}.layer.0.SelfAttention.o"), &a);
+        let h = clamp_f16(add_promoted(h, a));
+
+        let n = rms_norm(h.clone(), &self.ff_norm, self.eps);
+        let act = |x: Tensor<3>| match self.act {
+            Activation::GeluTanh => gelu_tanh(x),
+            Activation::Gelu => gelu(x),
+            Activation::Relu => relu(x),
+        };
+        let pre = self.wi_0.forward(n.clone());
+        let wi_0_name = if self.wi_1.is_some() { "wi_0" } else { "wi" };
+        probe.check(|| format!("{name}.layer.1.DenseReluDense.{wi_0_name}"), &pre);
+        let hidden = act(pre);
+        let hidden = match &self.wi_1 {
+            Some(wi_1) => {
+                let gate = wi_1.forward(n);
+                probe.check(|| format!("{name}.layer.1.DenseReluDense.wi_1"), &gate);
+                hidden * gate
+            }
+            None => hidden,
+        };
+        let f = self.wo.forward(hidden);
+        probe.check(|| format!("{name}.layer.1.DenseReluDense.wo"), &f);
+        clamp_f16(add_promoted(h, f))
+    }
+}
+
+/// `a + b` with torch's promotion: when one side is f32 (T5's `wo` kept in f32 under f16)
+/// the sum is f32.
+fn add_promoted(a: Tensor<3>, b: Tensor<3>) -> Tensor<3> {
+    if a.dtype() == b.dtype() {
+        a + b
+    } else {
+        a.cast(FloatDType::F32) + b.cast(FloatDType::F32)
+    }
+}
+
+/// transformers' f16 guard in T5Block: clamp to the f16 range (less 1000 when an inf is
+/// already there). A no-op in other dtypes.
+fn clamp_f16(h: Tensor<3>) -> Tensor<3> {
+    if h.dtype() != DType::F16 {
+        return h;
+    }
+    let max = 65504.0f32;
+    let has_inf = h.clone().is_inf().any().float().reshape([1, 1, 1]); // 1.0 or 0.0
+    let limit = has_inf.mul_scalar(-1000.0).add_scalar(max).cast(FloatDType::F16);
+    let h = h.clone().max_pair(limit.clone().neg().expand(h.shape()));
+    h.clone().min_pair(limit.expand(h.shape()))
+}
+
+/// The encoder without its blocks: the token table, block 0's relative-attention-bias table
+/// and the final norm. The runtime runs the blocks itself (resident or streamed).
+#[derive(Clone, Debug)]
+pub struct T5Embedding {
+    /// `shared.weight` (`encoder.embed_tokens.weight` is tied to it): `[vocab, D]`.
+    pub shared: Tensor<2>,
+    /// `encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight`: `[buckets, H]`.
+    pub relative_attention_bias: Tensor<2>,
+    /// `encoder.final_layer_norm.weight`
+    pub final_layer_norm: Tensor<1>,
+    config: T5Config,
+}
+
+impl T5Embedding {
+    /// `w` is at the checkpoint root.
+    pub fn load(w: &impl WeightSource, c: &T5Config) -> Self {
+        Self {
+            shared: w.pp("shared").tensor("weight", [c.vocab_size, c.d_model]),
+            relative_attention_bias: w
+                .pp("encoder.block.0.layer.0.SelfAttention.relative_attention_bias")
+                .tensor("weight", [c.relative_attention_num_buckets, c.num_heads]),
+            final_layer_norm: w.pp("encoder.final_layer_norm").tensor("weight", [c.d_model]),
+            config: c.clone(),
+        }
+    }
+
+    /// Token embeddings, on `device` (the table itself may live elsewhere, e.g. on the CPU).
+    ///
+    /// # Shapes
+    /// - ids: `[B][L]` → `[B, L, D]`
+    pub fn embed(&self, ids: &[Vec<u32>], device: &Device) -> Tensor<3> {
+        let (b, l) = (ids.len(), ids.first().map_or(0, Vec::len));
+        let flat: Vec<i64> = ids.iter().flatten().map(|&i| i as i64).collect();
+        let table_device = self.shared.device();
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, l]), &table_device);
+        embedding(self.shared.clone(), idx).to_device(device)
+    }
+
+    /// The relative position bias of `len` tokens, in f32, shared by every block.
+    ///
+    /// # Shapes
+    /// - → `[1, H, L, L]`
+    pub fn position_bias(&self, len: usize, device: &Device) -> Tensor<4> {
+        let c = &self.config;
+        let buckets: Vec<i64> = (0..len)
+            .flat_map(|q| {
+                (0..len).map(move |k| {
+                    relative_position_bucket(k as i64 - q as i64, c.relative_attention_num_buckets, c.relative_attention_max_distance) as i64
+                })
+            })
+            .collect();
+        let table = self.relative_attention_bias.clone().to_device(device).cast(FloatDType::F32);
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(buckets, [len, len]), device);
+        embedding(table, idx).permute([2, 0, 1]).unsqueeze::<4>() // [1, H, L, L]
+    }
+
+    /// # Shapes
+    /// - h: `[B, L, D]` → `[B, L, D]`
+    pub fn final_norm(&self, h: Tensor<3>) -> Tensor<3> {
+        let w = self.final_layer_norm.clone().to_device(&h.device());
+        rms_norm(h, &w, self.config.layer_norm_epsilon)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bucket table the shared spec verified against transformers (§3.3).
+    #[test]
+    fn buckets_match_transformers() {
+        let b = |rel| relative_position_bucket(rel, 32, 128);
+        assert_eq!(b(0), 0);
+        for (range, want) in [(1..8, None), (8..12, Some(8)), (12..16, Some(9)), (16..23, Some(10)), (23..32, Some(11)), (32..46, Some(12)), (46..64, Some(13)), (64..91, Some(14)), (91..224, Some(15))] {
+            for n in range {
+                let want = want.unwrap_or(n as usize);
+                assert_eq!(b(n), 16 + want, "rel +{n}");
+                assert_eq!(b(-n), want, "rel -{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn feed_forward_kinds() {
+        let mut c = T5Config {
+            d_model: 8, d_ff: 16, d_kv: 4, num_heads: 2, num_layers: 1, vocab_size: 10,
+            relative_attention_num_buckets: 32, relative_attention_max_distance: 128,
+            layer_norm_epsilon: 1e-6, feed_forward_proj: "gated-gelu".into(),
+        };
+        assert_eq!(c.feed_forward(), Ok((true, Activation::GeluTanh)));
+        c.feed_forward_proj = "relu".into();
+        assert_eq!(c.feed_forward(), Ok((false, Activation::Relu)));
+        c.feed_forward_proj = "gelu".into();
+        assert_eq!(c.feed_forward(), Ok((false, Activation::Gelu)));
+        c.feed_forward_proj = "swish".into();
+        assert!(c.feed_forward().is_err());
+    }
+}

@@ -1,0 +1,20 @@
+//! Where modules get their weights from, without this crate knowing about files.
+//!
+//! Every module has a `load(w, config)` that asks its source for each tensor by its checkpoint
+//! key (relative to the source's prefix) and expected shape. `cogview-import` implements the
+//! source twice: one that reads a checkpoint (collecting every missing or mismatched key
+//! instead of stopping at the first) and one that only records which keys a module wants, so
+//! the key list of any config can be known without a checkpoint.
+
+use burn::tensor::Tensor;
+
+pub trait WeightSource: Sized {
+    /// The tensor stored under `key` (after this source's prefix), of `shape`.
+    ///
+    /// A source that cannot give it (missing key, wrong shape) records the problem and returns
+    /// a placeholder; the caller checks the source's report once the whole module is built.
+    fn tensor<const D: usize>(&self, key: &str, shape: [usize; D]) -> Tensor<D>;
+
+    /// The same source under `prefix.` (e.g. `w.pp("encoder").pp("block.3")`).
+    fn pp(&self, prefix: impl std::fmt::Display) -> Self;
+}

@@ -1,0 +1,334 @@
+//! The one place that decides the compute dtype (`--precision auto|bf16|f32|f16`).
+//!
+//! CogView3-Plus-3B was trained in bf16; in f16 it overflows to NaN and the image comes out
+//! black (the model card; diffusers issue #10343). So:
+//! - `auto` is bf16 where the device really computes bf16, f32 everywhere else;
+//! - `bf16` on a device without bf16 arithmetic is an error naming the device and what it lacks;
+//! - `f16` runs only when asked for, with a warning (the non-finite guard stands behind it);
+//! - a reduced precision is trusted only after a self-test ([`crate::selftest`]) on the device:
+//!   drivers that claim a dtype and compute garbage exist.
+//!
+//! The decision and its reason are data ([`PrecisionDecision`]) so the CLI can print them and
+//! PNG metadata can carry them.
+
+use std::fmt;
+
+use burn::tensor::{DType, Device};
+use serde::Serialize;
+
+use crate::device::{AdapterInfo, AdapterType, Capabilities};
+use crate::error::PrecisionError;
+use crate::selftest::{self, SelfTestReport};
+
+/// What the user asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Auto,
+    Bf16,
+    F32,
+    F16,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 4] = [Precision::Auto, Precision::Bf16, Precision::F32, Precision::F16];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Auto => "auto",
+            Precision::Bf16 => "bf16",
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("`{s}` is not a precision: use auto, bf16, f32 or f16"))
+    }
+}
+
+/// The dtype the model computes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl ComputeDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            ComputeDtype::F32 => DType::F32,
+            ComputeDtype::Bf16 => DType::BF16,
+            ComputeDtype::F16 => DType::F16,
+        }
+    }
+}
+
+impl fmt::Display for ComputeDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ComputeDtype::F32 => "f32",
+            ComputeDtype::Bf16 => "bf16",
+            ComputeDtype::F16 => "f16",
+        })
+    }
+}
+
+/// The decision, with the reason a person can read and the warnings to show.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PrecisionDecision {
+    pub requested: Precision,
+    pub dtype: ComputeDtype,
+    pub reason: String,
+    pub warnings: Vec<String>,
+    /// The reduced-precision self-test, when one ran.
+    pub self_test: Option<SelfTestReport>,
+}
+
+impl PrecisionDecision {
+    /// A decision made without a device (tests, tools): `requested` computing in `dtype`.
+    pub fn fixed(requested: Precision, dtype: ComputeDtype) -> Self {
+        Self { requested, dtype, reason: format!("{dtype} was given"), warnings: vec![], self_test: None }
+    }
+}
+
+/// The warning every f16 run carries.
+pub const F16_WARNING: &str = "f16 is not supported by CogView3-Plus's authors: the model was \
+    trained in bf16 and overflows to NaN in f16 (black images); cogview's non-finite guard \
+    stops the run if that happens";
+
+/// The policy alone, over a capability set: no device, no self-test. Unit-tested over every
+/// combination.
+pub fn decide(
+    requested: Precision,
+    adapter: &str,
+    adapter_type: AdapterType,
+    caps: &Capabilities,
+) -> Result<PrecisionDecision, PrecisionError> {
+    let cpu_backend = adapter_type == AdapterType::CpuBackend;
+    let ok = |dtype, reason: String, warnings: Vec<String>| {
+        Ok(PrecisionDecision { requested, dtype, reason, warnings, self_test: None })
+    };
+    let lacks_bf16 = || {
+        if caps.bf16.storage {
+            "bf16 arithmetic (it can only store bf16)".to_string()
+        } else {
+            "bf16 arithmetic and storage".to_string()
+        }
+    };
+    match requested {
+        Precision::F32 => ok(ComputeDtype::F32, "f32 was asked for".into(), vec![]),
+        Precision::Auto if cpu_backend => ok(
+            ComputeDtype::F32,
+            "the CPU backend emulates bf16 through f32, which is slower and less exact than f32".into(),
+            vec![],
+        ),
+        Precision::Auto if caps.bf16.arithmetic => ok(
+            ComputeDtype::Bf16,
+            format!("{adapter} computes bf16, the dtype the model was trained in"),
+            vec![],
+        ),
+        Precision::Auto => ok(ComputeDtype::F32, format!("{adapter} lacks {}", lacks_bf16()), vec![]),
+        Precision::Bf16 if caps.bf16.arithmetic && !cpu_backend => {
+            ok(ComputeDtype::Bf16, "bf16 was asked for".into(), vec![])
+        }
+        // burn-flex rounds each op's f32 result to bf16: not what "bf16 where the adapter
+        // really supports it" promises, and slower than f32.
+        Precision::Bf16 if cpu_backend => Err(PrecisionError::Unsupported {
+            requested: "bf16",
+            adapter: adapter.to_string(),
+            missing: "native bf16 arithmetic (it only emulates bf16 through f32)".to_string(),
+        }),
+        Precision::Bf16 => Err(PrecisionError::Unsupported {
+            requested: "bf16",
+            adapter: adapter.to_string(),
+            missing: lacks_bf16(),
+        }),
+        Precision::F16 if caps.f16.arithmetic => {
+            ok(ComputeDtype::F16, "f16 was asked for".into(), vec![F16_WARNING.into()])
+        }
+        Precision::F16 => Err(PrecisionError::Unsupported {
+            requested: "f16",
+            adapter: adapter.to_string(),
+            missing: "f16 arithmetic".to_string(),
+        }),
+    }
+}
+
+/// The policy on a real device: [`decide`], then the self-test for a reduced precision. On a
+/// failed self-test `auto` falls back to f32 with a warning, an explicit request is an error.
+pub fn decide_on_device(
+    requested: Precision,
+    adapter: &AdapterInfo,
+    caps: &Capabilities,
+    device: &Device,
+) -> Result<PrecisionDecision, PrecisionError> {
+    let decision = decide(requested, &adapter.label(), adapter.adapter_type, caps)?;
+    if decision.dtype == ComputeDtype::F32 {
+        return Ok(decision);
+    }
+    let report = selftest::run(device, decision.dtype);
+    apply_self_test(decision, report, &adapter.label())
+}
+
+/// Takes a self-test's verdict into a reduced-precision decision.
+fn apply_self_test(
+    mut decision: PrecisionDecision,
+    report: SelfTestReport,
+    adapter: &str,
+) -> Result<PrecisionDecision, PrecisionError> {
+    decision.self_test = Some(report.clone());
+    if report.passed {
+        tracing::debug!(dtype = %decision.dtype, error = report.error, "self-test passed");
+        return Ok(decision);
+    }
+    if decision.requested == Precision::Auto {
+        let failed = format!(
+            "{adapter} claims {} but failed the self-test (error {:.3e} > {:.1e})",
+            decision.dtype, report.error, report.tolerance
+        );
+        decision.warnings.push(format!("{failed}: falling back to f32"));
+        decision.reason = failed;
+        decision.dtype = ComputeDtype::F32;
+        return Ok(decision);
+    }
+    Err(PrecisionError::SelfTestFailed {
+        requested: decision.requested.as_str(),
+        adapter: adapter.to_string(),
+        error: report.error,
+        tolerance: report.tolerance,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{Compiler, DtypeSupport};
+
+    /// Every combination of storage/arithmetic/accelerated for f16 and bf16, on every adapter
+    /// type, under every request: the policy's whole domain.
+    fn all_supports() -> Vec<DtypeSupport> {
+        (0..8)
+            .map(|bits| DtypeSupport {
+                storage: bits & 1 != 0,
+                arithmetic: bits & 2 != 0,
+                accelerated: bits & 4 != 0,
+            })
+            .collect()
+    }
+
+    const TYPES: [AdapterType; 6] = [
+        AdapterType::DiscreteGpu,
+        AdapterType::IntegratedGpu,
+        AdapterType::VirtualGpu,
+        AdapterType::Other,
+        AdapterType::Software,
+        AdapterType::CpuBackend,
+    ];
+
+    #[test]
+    fn policy_over_every_capability_set() {
+        let full = DtypeSupport { storage: true, arithmetic: true, accelerated: false };
+        let mut cases = 0;
+        for f16 in all_supports() {
+            for bf16 in all_supports() {
+                for t in TYPES {
+                    let caps = Capabilities { compiler: Compiler::Wgsl, f32: full, f16, bf16 };
+                    for req in Precision::ALL {
+                        cases += 1;
+                        let got = decide(req, "Card", t, &caps);
+                        let cpu = t == AdapterType::CpuBackend;
+                        match req {
+                            Precision::F32 => assert_eq!(got.unwrap().dtype, ComputeDtype::F32),
+                            Precision::Auto => {
+                                let d = got.unwrap();
+                                let want = if bf16.arithmetic && !cpu { ComputeDtype::Bf16 } else { ComputeDtype::F32 };
+                                assert_eq!(d.dtype, want, "{t:?} {bf16:?}");
+                                assert!(!d.reason.is_empty());
+                                // auto never picks f16, and never warns about it
+                                assert!(d.warnings.iter().all(|w| !w.contains("f16")));
+                            }
+                            Precision::Bf16 => match got {
+                                Ok(d) => {
+                                    assert!(bf16.arithmetic && !cpu);
+                                    assert_eq!(d.dtype, ComputeDtype::Bf16);
+                                    assert!(d.warnings.is_empty());
+                                }
+                                Err(e) => {
+                                    assert!(!bf16.arithmetic || cpu);
+                                    let msg = e.to_string();
+                                    assert!(msg.contains("Card") && msg.contains("bf16 arithmetic"), "{msg}");
+                                    assert!(!msg.contains('\n'));
+                                    if !cpu {
+                                        assert_eq!(msg.contains("only store"), bf16.storage);
+                                    }
+                                }
+                            },
+                            Precision::F16 => match got {
+                                Ok(d) => {
+                                    assert!(f16.arithmetic);
+                                    assert_eq!(d.dtype, ComputeDtype::F16);
+                                    assert_eq!(d.warnings, vec![F16_WARNING.to_string()]);
+                                }
+                                Err(e) => {
+                                    assert!(!f16.arithmetic);
+                                    assert!(e.to_string().contains("f16 arithmetic"));
+                                }
+                            },
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 8 * 8 * 6 * 4);
+    }
+
+    fn report(passed: bool) -> SelfTestReport {
+        SelfTestReport { dtype: ComputeDtype::Bf16, error: if passed { 1e-3 } else { 0.9 }, tolerance: 4e-2, passed }
+    }
+
+    #[test]
+    fn failed_self_test_falls_back_under_auto_and_refuses_explicit_requests() {
+        let caps = Capabilities {
+            compiler: Compiler::Msl,
+            f32: DtypeSupport { storage: true, arithmetic: true, accelerated: false },
+            f16: DtypeSupport { storage: true, arithmetic: true, accelerated: false },
+            bf16: DtypeSupport { storage: true, arithmetic: true, accelerated: true },
+        };
+        let auto = decide(Precision::Auto, "Card", AdapterType::IntegratedGpu, &caps).unwrap();
+        let passed = apply_self_test(auto.clone(), report(true), "Card").unwrap();
+        assert_eq!(passed.dtype, ComputeDtype::Bf16);
+        assert!(passed.self_test.unwrap().passed);
+        let failed = apply_self_test(auto, report(false), "Card").unwrap();
+        assert_eq!(failed.dtype, ComputeDtype::F32);
+        assert!(failed.reason.contains("self-test"));
+        assert!(failed.warnings[0].contains("falling back to f32"));
+        let explicit = decide(Precision::Bf16, "Card", AdapterType::IntegratedGpu, &caps).unwrap();
+        let err = apply_self_test(explicit, report(false), "Card").unwrap_err();
+        assert!(matches!(err, PrecisionError::SelfTestFailed { requested: "bf16", .. }));
+    }
+
+    #[test]
+    fn parses_requests() {
+        for p in Precision::ALL {
+            assert_eq!(p.as_str().parse::<Precision>().unwrap(), p);
+        }
+        assert_eq!("BF16".parse::<Precision>().unwrap(), Precision::Bf16);
+        assert!("fp8".parse::<Precision>().is_err());
+    }
+}
