@@ -9,7 +9,7 @@ use cogview_runtime::guard::CheckFinite;
 use cogview_runtime::import::ModelFolder;
 use cogview_runtime::pipeline::{Guarding, Output, Quiet, Request, generate};
 use cogview_runtime::precision::{ComputeDtype, Precision, PrecisionDecision};
-use cogview_tests::{Refs, assert_close, pipeline};
+use cogview_tests::{copy_dir, Refs, assert_close, pipeline};
 
 /// The f32 pipeline against diffusers' f32 (as tests/pipeline.rs).
 const PIPELINE_TOL: f32 = 1e-4;
@@ -89,18 +89,6 @@ fn overflow_fixture_bf16_is_finite() {
 
 // ---- NaNs planted in a weight of each component ----
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
-}
 
 /// A copy of the base fixture with the data of `key` in `file` edited.
 fn plant(file: &str, key: &str, edit: impl Fn(&mut [u8])) -> (tempfile::TempDir, PathBuf) {
@@ -131,10 +119,13 @@ fn plant(file: &str, key: &str, edit: impl Fn(&mut [u8])) -> (tempfile::TempDir,
 fn planted_nan_is_named_in_each_component() {
     for (file, key, stage, module) in [
         ("text_encoder/model.safetensors", "encoder.block.1.layer.1.DenseReluDense.wi_1.weight", "text encoder", "encoder.block.1.layer.1.DenseReluDense.wi_1"),
-        ("transformer/diffusion_pytorch_model.safetensors", "transformer_blocks.1.attn1.to_k.weight", "transformer", "transformer_blocks.1.attn1.to_k"),
+        // (Not in q/k: burn-flex's attention maps NaN scores to zero weight, so a NaN there
+        // never reaches the output, and there is nothing to guard against.)
+        ("transformer/diffusion_pytorch_model.safetensors", "transformer_blocks.1.ff.net.2.weight", "transformer", "transformer_blocks.1.ff.net.2"),
         ("vae/diffusion_pytorch_model.safetensors", "decoder.up_blocks.2.resnets.0.conv1.weight", "VAE decoder", "decoder.up_blocks.2.resnets.0.conv1"),
     ] {
         let (_dir, root) = plant(file, key, |d| d[..4].copy_from_slice(&f32::NAN.to_le_bytes()));
+
         let err = run(&root, Precision::F32, ComputeDtype::F32, CheckFinite::Stages).unwrap_err();
         let RuntimeError::NonFinite(hit) = &err else { panic!("{err}") };
         assert_eq!(hit.stage, stage);

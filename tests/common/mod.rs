@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests: fixture paths, reference tensors, comparisons that
 //! print what differs, and the software Vulkan adapter.
 
+pub mod stages;
+
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
@@ -24,9 +26,12 @@ pub struct Refs {
 
 impl Refs {
     pub fn open(variant: &str, file: &str) -> Self {
-        let path = fixture(variant).join("refs").join(format!("{file}.safetensors"));
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        Self { bytes, path }
+        Self::open_file(&fixture(variant).join("refs").join(format!("{file}.safetensors")))
+    }
+
+    pub fn open_file(path: &Path) -> Self {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Self { bytes, path: path.to_path_buf() }
     }
 
     fn view(&self, key: &str) -> safetensors::tensor::TensorView<'_> {
@@ -108,4 +113,18 @@ pub fn lavapipe() -> (device::AdapterInfo, Device) {
         .expect("no software Vulkan adapter: install mesa-vulkan-drivers (see .ci/run)");
     let dev = device::open(&adapter).expect("lavapipe starts");
     (adapter, dev)
+}
+
+/// Copies a folder tree (to break a fixture in a test without touching the original).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
 }

@@ -437,11 +437,17 @@ pub fn generate(
     })
 }
 
-/// The standard deviation of 8-bit values, in levels.
-fn pixel_std(v: &[u8]) -> f64 {
-    let n = v.len().max(1) as f64;
-    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
-    (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt()
+/// The largest per-channel standard deviation of interleaved RGB 8-bit pixels, in levels: under
+/// one level, the image is a flat colour.
+fn pixel_std(rgb: &[u8]) -> f64 {
+    (0..3)
+        .map(|c| {
+            let v: Vec<f64> = rgb.iter().skip(c).step_by(3).map(|&x| x as f64).collect();
+            let n = v.len().max(1) as f64;
+            let mean = v.iter().sum::<f64>() / n;
+            (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt()
+        })
+        .fold(0.0, f64::max)
 }
 
 /// diffusers' `encode_prompt`: each prompt's embedding repeated `per_prompt` times (p0, p0, p1,

@@ -1,0 +1,158 @@
+//! The stage-by-stage comparisons with diffusers, shared by the CPU tests and the lavapipe test,
+//! with their tolerances.
+
+use burn::tensor::{DType, Device};
+use cogview_runtime::import::{Component, Loader, ModelFolder};
+use cogview_runtime::memory::PeakMemory;
+use cogview_runtime::models::NoProbe;
+use cogview_runtime::models::dit::{AttentionLimits, Dit, SizeCondition};
+use cogview_runtime::models::vae::Decoder;
+use cogview_runtime::pipeline::{Guarding, Quiet, Request, generate};
+use cogview_runtime::precision::{ComputeDtype, Precision, PrecisionDecision};
+use cogview_runtime::text::{TextEncoder, WeightsMode};
+
+use crate::{Refs, assert_close, fixture, pipeline, values};
+
+/// T5 in f32 against transformers' f32 on the CPU: the same math in another summation order
+/// (torch's GEMM vs burn-flex's, and softmax/RMS reductions); measured differences are ~1e-6 of
+/// the output scale after 2-3 blocks. 1e-4 leaves room for GPU reduction orders (lavapipe).
+pub const T5_F32_TOL: f32 = 1e-4;
+
+/// bf16 rounds every activation to 8 significant bits (3.9e-3 relative per rounding), through
+/// ~10 roundings per block in a different order than torch: measured about 1e-2 of the scale.
+pub const T5_BF16_TOL: f32 = 4e-2;
+
+pub fn encode(variant: &str, device: &Device, dtype: DType, mode: WeightsMode, len: usize) -> (Vec<f32>, PeakMemory) {
+    let folder = ModelFolder::open(pipeline(variant).to_str().unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(variant).join("refs/manifest.json")).unwrap()).unwrap();
+    let prompts: Vec<String> = serde_json::from_value(manifest["prompts"].clone()).unwrap();
+    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let encoder = TextEncoder::open(&folder, device, dtype, mode).unwrap();
+    let mut peak = PeakMemory::default();
+    let h = encoder.encode(&prompts, len, &mut peak, &mut NoProbe).unwrap();
+    (values(h), peak)
+}
+
+/// One DiT forward in f32 against diffusers' f32 on the CPU: the same math in another
+/// summation order (GEMMs, attention, LayerNorm reductions); measured ~1e-6 of the output
+/// scale. 1e-4 leaves room for GPU reduction orders.
+pub const DIT_F32_TOL: f32 = 1e-4;
+
+/// bf16 rounds every activation and weight to 8 significant bits; against the f32 reference a
+/// 2-3 block tiny DiT lands around 1e-2 of the output scale.
+pub const DIT_BF16_TOL: f32 = 5e-2;
+
+pub fn load_dit(variant: &str, device: &Device, dtype: DType) -> (ModelFolder, Dit) {
+    let folder = ModelFolder::open(pipeline(variant).to_str().unwrap()).unwrap();
+    let (ck, _) = folder.open_weights(Component::Transformer).unwrap();
+    let dit = Loader::new(&ck, Component::Transformer, device, |_| dtype).load(|w| Dit::load(w, &folder.transformer)).unwrap().0;
+    (folder, dit)
+}
+
+pub fn sizes(refs: &Refs, case: &str) -> Vec<SizeCondition> {
+    let (o, c, t) = (refs.f32(&format!("{case}.original_size")), refs.f32(&format!("{case}.crop_coords")), refs.f32(&format!("{case}.target_size")));
+    (0..o.len() / 2)
+        .map(|i| SizeCondition { original_size: [o[2 * i], o[2 * i + 1]], crop_coords: [c[2 * i], c[2 * i + 1]], target_size: [t[2 * i], t[2 * i + 1]] })
+        .collect()
+}
+
+/// The cases: `square` latents, 16 text tokens, t = 999/499, default sizes; non-square
+/// latents, 224 text tokens, t = 749/0, non-default original size and crop.
+pub fn forward_cases(variant: &str, cases: &[&str], device: &Device, dtype: DType, tol: f32) {
+    let (_, dit) = load_dit(variant, device, dtype);
+    let refs = Refs::open(variant, "transformer");
+    for &case in cases {
+        let t: Vec<f32> = refs.i64(&format!("{case}.timestep")).into_iter().map(|t| t as f32).collect();
+        let sizes = sizes(&refs, case);
+        let emb = dit.embeddings.time_embedding(&t, &sizes, device, &mut NoProbe);
+        assert_close(&format!("{variant} {case} time_condition_emb {dtype:?}"), &values(emb), &refs.f32(&format!("{case}.time_condition_emb")), tol);
+        let x = refs.tensor::<4>(&format!("{case}.hidden_states"), device).cast(dtype);
+        let text = refs.tensor::<3>(&format!("{case}.encoder_hidden_states"), device).cast(dtype);
+        let out = dit.forward(x, text, &t, &sizes, &AttentionLimits::default(), &mut NoProbe);
+        assert_close(&format!("{variant} {case} output {dtype:?}"), &values(out), &refs.f32(&format!("{case}.output")), tol);
+    }
+}
+
+/// The VAE decoder in f32 against diffusers' f32 on the CPU: convolutions and GroupNorms in
+/// another summation order; measured ~1e-6 of the output scale.
+pub const VAE_F32_TOL: f32 = 1e-4;
+
+/// Step latents after up to 10 steps: each step's DiT differences (~1e-6) pass through the
+/// scheduler's linear update and feed the next call; measured ~1e-5 of the scale after 10.
+pub const STEP_LATENTS_TOL: f32 = 1e-4;
+
+/// The float image in [0, 1], after the decoder: the same error as the latents, scaled by
+/// the decoder's gain.
+pub const IMAGE_TOL: f32 = 1e-4;
+
+/// 8-bit pixels: a float error of 1e-4 can move a value across a rounding boundary, so a pixel
+/// may differ from diffusers' PNG by one level, never more.
+pub const PNG_LEVELS: i32 = 1;
+
+pub fn manifest(variant: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(variant).join("refs/manifest.json")).unwrap()).unwrap()
+}
+
+pub fn folder(variant: &str) -> ModelFolder {
+    ModelFolder::open(pipeline(variant).to_str().unwrap()).unwrap()
+}
+
+/// The pixels of a reference PNG.
+pub fn png_pixels(path: &std::path::Path) -> Vec<u8> {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    buf
+}
+
+pub fn request(variant: &str, case: &str) -> Request {
+    let m = &manifest(variant)["pipeline"][case];
+    let refs = Refs::open(variant, "pipeline");
+    let mut r = Request::new(m["prompt"].as_str().unwrap());
+    r.negative_prompt = m["negative_prompt"].as_str().map(String::from);
+    r.steps = m["num_inference_steps"].as_u64().unwrap() as usize;
+    r.guidance = m["guidance_scale"].as_f64().unwrap() as f32;
+    r.height = m["height"].as_u64().unwrap() as usize;
+    r.width = m["width"].as_u64().unwrap() as usize;
+    r.max_sequence_length = m["max_sequence_length"].as_u64().unwrap() as usize;
+    if let Some(o) = m.get("original_size").filter(|o| !o.is_null()) {
+        r.original_size = Some([o[0].as_u64().unwrap() as usize, o[1].as_u64().unwrap() as usize]);
+    }
+    if let Some(c) = m.get("crops_coords_top_left").filter(|c| !c.is_null()) {
+        r.crop_coords = [c[0].as_u64().unwrap() as usize, c[1].as_u64().unwrap() as usize];
+    }
+    r.latents = Some(refs.f32(&format!("{case}.latents")));
+    r.keep_tensors = true;
+    r
+}
+
+pub fn run_case(variant: &str, case: &str, device: &Device) {
+    let f = folder(variant);
+    let req = request(variant, case);
+    let guard = Guarding::new(PrecisionDecision::fixed(Precision::F32, ComputeDtype::F32));
+    let out = generate(&f, device, &guard, &req, &mut Quiet).unwrap();
+    let refs = Refs::open(variant, "pipeline");
+    let t = out.tensors.unwrap();
+    assert_eq!(t.step_latents.1, refs.shape(&format!("{case}.step_latents")));
+    assert_close(&format!("{variant} {case} step latents"), &t.step_latents.0, &refs.f32(&format!("{case}.step_latents")), STEP_LATENTS_TOL);
+    assert_close(&format!("{variant} {case} image"), &t.image.0, &refs.f32(&format!("{case}.image_pt")), IMAGE_TOL);
+    let png = png_pixels(&fixture(variant).join("refs").join(format!("pipeline.{case}.png")));
+    let worst = out.rgb.iter().zip(&png).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+    let differing = out.rgb.iter().zip(&png).filter(|(a, b)| a != b).count();
+    println!("{variant} {case}: PNG differs by at most {worst} level(s) on {differing} of {} values", png.len());
+    assert_eq!(out.rgb.len(), png.len());
+    assert!(worst <= PNG_LEVELS, "{worst} levels");
+}
+
+pub fn decode_case(variant: &str, case: &str, device: &Device) {
+    let f = folder(variant);
+    let (ck, _) = f.open_weights(Component::Vae).unwrap();
+    let dec = Loader::new(&ck, Component::Vae, device, |_| DType::F32).load(|w| Decoder::load(w, &f.vae)).unwrap().0;
+    let refs = Refs::open(variant, "vae");
+    let z = refs.tensor::<4>(&format!("{case}.latents"), device).div_scalar(f.vae.scaling_factor);
+    let out = dec.forward(z, &mut NoProbe);
+    assert_close(&format!("{variant} vae {case}"), &values(out), &refs.f32(&format!("{case}.decoded")), VAE_F32_TOL);
+}
