@@ -9,7 +9,7 @@ use cogview_runtime::guard::CheckFinite;
 use cogview_runtime::import::ModelFolder;
 use cogview_runtime::pipeline::{Guarding, Output, Quiet, Request, generate};
 use cogview_runtime::precision::{ComputeDtype, Precision, PrecisionDecision};
-use cogview_tests::{copy_dir, Refs, assert_close, pipeline};
+use cogview_tests::{Refs, assert_close, copy_dir, pipeline, rewrite_safetensors};
 
 /// The f32 pipeline against diffusers' f32 (as tests/pipeline.rs).
 const PIPELINE_TOL: f32 = 1e-4;
@@ -95,23 +95,12 @@ fn plant(file: &str, key: &str, edit: impl Fn(&mut [u8])) -> (tempfile::TempDir,
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("model");
     copy_dir(&pipeline("base"), &root);
-    let path = root.join(file);
-    let bytes = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            let mut d = v.data().to_vec();
-            if k == key {
-                edit(&mut d);
-            }
-            (k, v.dtype(), v.shape().to_vec(), d)
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> =
-        data.iter().map(|(k, t, s, d)| (k.clone(), safetensors::tensor::TensorView::new(*t, s.clone(), d).unwrap())).collect();
-    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    rewrite_safetensors(&root.join(file), |(k, t, s, mut d)| {
+        if k == key {
+            edit(&mut d);
+        }
+        Some((k, t, s, d))
+    });
     (dir, root)
 }
 

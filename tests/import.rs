@@ -10,7 +10,7 @@ use cogview_runtime::models::dit::Dit;
 use cogview_runtime::models::t5::{T5Block, T5Embedding};
 use cogview_runtime::models::WeightSource;
 use cogview_runtime::models::vae::Decoder;
-use cogview_tests::{copy_dir, fixture, pipeline};
+use cogview_tests::{copy_dir, edit_json, fixture, pipeline, rewrite_safetensors};
 
 /// The raw bytes of `key` in a safetensors file, read with the `safetensors` crate directly.
 fn stored(file: &Path, key: &str) -> (safetensors::Dtype, Vec<u8>) {
@@ -179,22 +179,18 @@ fn invalid_config() {
 fn config_missing_a_required_key_and_unknown_keys_ignored() {
     let (_d, root) = copy("base");
     let path = root.join("transformer/config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    cfg["pooled_projection_dim"] = 1536.into(); // stale key of the real file: ignored
-    std::fs::write(&path, cfg.to_string()).unwrap();
+    edit_json(&path, |c| c["pooled_projection_dim"] = 1536.into()); // stale key of the real file: ignored
     open_all(&root).unwrap();
-    cfg.as_object_mut().unwrap().remove("time_embed_dim");
-    std::fs::write(&path, cfg.to_string()).unwrap();
+    edit_json(&path, |c| {
+        c.as_object_mut().unwrap().remove("time_embed_dim");
+    });
     fails(&root, &["transformer/config.json", "missing required key `time_embed_dim`"]);
 }
 
 #[test]
 fn config_cross_field_check() {
     let (_d, root) = copy("base");
-    let path = root.join("vae/config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    cfg["norm_num_groups"] = 3.into();
-    std::fs::write(&path, cfg.to_string()).unwrap();
+    edit_json(&root.join("vae/config.json"), |c| c["norm_num_groups"] = 3.into());
     fails(&root, &["vae/config.json", "not a multiple of norm_num_groups 3"]);
 }
 
@@ -250,24 +246,8 @@ fn non_float_dtype() {
     let (_d, root) = copy("base");
     let folder = ModelFolder::open(root.to_str().unwrap()).unwrap();
     let key = "proj_out.bias";
-    // Rewrite the transformer file with proj_out.bias stored as I32.
-    let path = root.join(DIT);
-    let bytes = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let tensors: Vec<(String, safetensors::tensor::TensorView)> = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            if k == key {
-                let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I32, v.shape().to_vec(), v.data()).unwrap();
-                (k, view)
-            } else {
-                (k, v)
-            }
-        })
-        .collect();
-    let out = safetensors::serialize(tensors, None).unwrap();
-    std::fs::write(&path, out).unwrap();
+    // proj_out.bias stored as I32.
+    rewrite_safetensors(&root.join(DIT), |(k, t, s, d)| Some((k.clone(), if k == key { safetensors::Dtype::I32 } else { t }, s, d)));
     let (ck, _) = folder.open_weights(Component::Transformer).unwrap();
     let loader = Loader::new(&ck, Component::Transformer, &Device::flex(), |_| DType::F32);
     let msg = loader.load(|w| Dit::load(w, &folder.transformer)).unwrap_err().to_string();
@@ -284,24 +264,18 @@ fn index_names_an_absent_shard() {
 #[test]
 fn index_key_not_in_its_shard() {
     let (_d, root) = copy("wide");
-    let path = root.join("transformer/diffusion_pytorch_model.safetensors.index.json");
-    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    index["weight_map"]["proj_out.weight"] = "diffusion_pytorch_model-00001-of-00003.safetensors".into();
-    let actual = index["weight_map"].as_object().unwrap().clone();
-    std::fs::write(&path, index.to_string()).unwrap();
+    let index = root.join("transformer/diffusion_pytorch_model.safetensors.index.json");
+    edit_json(&index, |i| i["weight_map"]["proj_out.weight"] = "diffusion_pytorch_model-00001-of-00003.safetensors".into());
     // Only meaningful if proj_out.weight really lives in another shard.
     let bytes = std::fs::read(root.join("transformer/diffusion_pytorch_model-00001-of-00003.safetensors")).unwrap();
-    assert!(safetensors::SafeTensors::deserialize(&bytes).unwrap().tensor("proj_out.weight").is_err(), "{actual:?}");
+    assert!(safetensors::SafeTensors::deserialize(&bytes).unwrap().tensor("proj_out.weight").is_err());
     fails(&root, &["index.json", "proj_out.weight (in diffusion_pytorch_model-00001-of-00003.safetensors)"]);
 }
 
 #[test]
 fn shape_disagrees_with_config_and_all_problems_listed() {
     let (_d, root) = copy("base");
-    let path = root.join("transformer/config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    cfg["time_embed_dim"] = 24.into();
-    std::fs::write(&path, cfg.to_string()).unwrap();
+    edit_json(&root.join("transformer/config.json"), |c| c["time_embed_dim"] = 24.into());
     let msg = fails(&root, &["transformer", "time_condition_embed.timestep_embedder.linear_1.weight (config says [24, 32], file has [16, 32])"]);
     // Every affected key is listed, not the first one only.
     assert!(msg.contains("transformer_blocks.1.norm1.linear.weight") && msg.contains("norm_out.linear.weight"), "{msg}");
@@ -310,16 +284,11 @@ fn shape_disagrees_with_config_and_all_problems_listed() {
 #[test]
 fn missing_and_unexpected_keys_all_listed() {
     let (_d, root) = copy("base");
-    let path = root.join(DIT);
-    let bytes = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let tensors: Vec<(String, safetensors::tensor::TensorView)> = st
-        .tensors()
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("transformer_blocks.1.attn1.to_v.") && k != "proj_out.bias")
-        .map(|(k, v)| if k == "norm_out.linear.bias" { ("norm_out.linear.extra".into(), v) } else { (k, v) })
-        .collect();
-    std::fs::write(&path, safetensors::serialize(tensors, None).unwrap()).unwrap();
+    rewrite_safetensors(&root.join(DIT), |(k, t, s, d)| match k.as_str() {
+        k if k.starts_with("transformer_blocks.1.attn1.to_v.") || k == "proj_out.bias" => None,
+        "norm_out.linear.bias" => Some(("norm_out.linear.extra".into(), t, s, d)),
+        _ => Some((k, t, s, d)),
+    });
     fails(
         &root,
         &["4 missing", "transformer_blocks.1.attn1.to_v.weight", "transformer_blocks.1.attn1.to_v.bias", "proj_out.bias", "norm_out.linear.bias", "1 unexpected: norm_out.linear.extra"],
@@ -336,15 +305,9 @@ fn empty_file() {
 #[test]
 fn tied_embedding_under_either_name() {
     let (_d, root) = copy("base");
-    let path = root.join("text_encoder/model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let renamed: Vec<(String, safetensors::tensor::TensorView)> = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| if k == "shared.weight" { ("encoder.embed_tokens.weight".into(), v) } else { (k, v) })
-        .collect();
-    std::fs::write(&path, safetensors::serialize(renamed, None).unwrap()).unwrap();
+    rewrite_safetensors(&root.join("text_encoder/model.safetensors"), |(k, t, s, d)| {
+        Some((if k == "shared.weight" { "encoder.embed_tokens.weight".into() } else { k }, t, s, d))
+    });
     let folder = ModelFolder::open(root.to_str().unwrap()).unwrap();
     let (ck, report) = folder.open_weights(Component::TextEncoder).unwrap();
     assert!(report.is_ok(), "{report}");

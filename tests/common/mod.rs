@@ -128,3 +128,27 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Edits a JSON file in place.
+pub fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+/// One tensor of a safetensors file: name, dtype, shape, bytes.
+pub type RawTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// Rewrites a safetensors file through `edit`, which may change, rename or drop (`None`) each
+/// tensor.
+pub fn rewrite_safetensors(path: &Path, mut edit: impl FnMut(RawTensor) -> Option<RawTensor>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let data: Vec<RawTensor> = st
+        .tensors()
+        .into_iter()
+        .filter_map(|(k, v)| edit((k, v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect();
+    let views = data.iter().map(|(k, t, s, d)| (k.clone(), safetensors::tensor::TensorView::new(*t, s.clone(), d).unwrap()));
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}

@@ -2,6 +2,7 @@
 //!
 //! The CLI only parses, calls `cogview-runtime`, and prints.
 
+mod bench;
 mod devices;
 mod generate;
 mod inspect;
@@ -32,6 +33,8 @@ enum Command {
     /// Describe a model folder: components, parameters, stored dtypes, files, configs, and the
     /// device and precision cogview would use for it here.
     Inspect(inspect::InspectArgs),
+    /// Time the stages on random weights (no checkpoint needed).
+    Bench(Box<bench::BenchArgs>),
     /// Print the token ids of a prompt as the pipeline pads them (JSON).
     Tokenize(tokenize::TokenizeArgs),
     /// Generate an image from a prompt.
@@ -63,14 +66,18 @@ fn main() -> ExitCode {
         (false, 1) => "debug",
         (false, _) => "trace",
     };
+    // wgpu logs an error for every graphics API it cannot start while listing adapters (EGL on
+    // a headless Linux box): noise unless asked for with -v.
+    let noise = if cli.verbose > 0 { "warn" } else { "warn,wgpu_hal=off" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("COGVIEW_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,cogview={level}")));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{noise},cogview={level}")));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
     let result = match cli.command {
         Command::Devices(args) => devices::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(*args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Bench(args) => bench::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

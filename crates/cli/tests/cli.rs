@@ -221,3 +221,44 @@ fn interrupted_run_leaves_no_file() {
     assert!(!png.exists());
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no partial file");
 }
+
+/// The real failure: f16 overflows inside block 0's feed-forward of the `overflow` fixture. The
+/// run stops naming the module and the step, and writes nothing; f32 and `--check-finite all`
+/// write the image.
+#[test]
+fn f16_overflow_stops_with_the_module_and_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("out.png");
+    let model = fixtures().join("overflow/pipeline").to_string_lossy().into_owned();
+    let args = |precision: &'static str| {
+        vec![
+            "generate".to_string(), "--model".into(), model.clone(), "--prompt".into(), "a red fox".into(), "--steps".into(), "2".into(),
+            "--width".into(), "64".into(), "--height".into(), "64".into(), "--device".into(), "cpu".into(), "--precision".into(),
+            precision.into(), "-o".into(), png.to_string_lossy().into_owned(),
+        ]
+    };
+    let f16: Vec<String> = args("f16");
+    let o = cogview(&f16.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_clean_error(&o, "first in transformer_blocks.0.ff.net.0.proj");
+    assert!(stderr(&o).contains("at step 0 (timestep 999)"));
+    assert!(stderr(&o).contains("use --precision f32"));
+    assert!(!png.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    let mut f32_all: Vec<String> = args("f32");
+    f32_all.extend(["--check-finite".to_string(), "all".to_string()]);
+    assert!(cogview(&f32_all.iter().map(String::as_str).collect::<Vec<_>>()).status.success());
+    assert!(png.exists());
+}
+
+/// `cogview bench` runs the three stages on random weights and reports every figure (the
+/// figures themselves are not asserted: speed belongs to benchmarks).
+#[test]
+fn bench_reports_every_stage() {
+    let o = cogview(&["bench", "--preset", "tiny", "--width", "64", "--height", "64", "--steps", "2", "--device", "cpu", "--json"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in ["t5_seconds", "first_step_seconds", "median_step_seconds", "guard_seconds_per_step", "vae_seconds", "t5_peak", "dit_peak", "vae_peak"] {
+        assert!(v["report"].get(key).is_some(), "{key} in {v}");
+    }
+    assert_eq!(v["report"]["dit_layers"], 2);
+}
