@@ -160,6 +160,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         target.precision.dtype,
         target.precision.reason
     );
+    request.max_binding_bytes = target.adapter.max_storage_binding_size;
     let mut bars = Bars { bar: None, terminal: std::io::stderr().is_terminal(), stage: "", total: 0 };
     let guard = Guarding { precision: target.precision.clone(), check: args.check_finite };
     let out: Output = generate(&folder, &target.device, &guard, &request, &mut bars)?;

@@ -52,6 +52,9 @@ pub struct Request {
     pub latents: Option<Vec<f32>>,
     /// Keep the embeddings, every step's latents and the float image.
     pub keep_tensors: bool,
+    /// The adapter's largest storage binding, in bytes: attention is split so that no score
+    /// matrix passes it (see `AttentionLimits`).
+    pub max_binding_bytes: Option<u64>,
 }
 
 impl Request {
@@ -69,6 +72,7 @@ impl Request {
             crop_coords: [0, 0],
             latents: None,
             keep_tensors: false,
+            max_binding_bytes: None,
         }
     }
 
@@ -317,7 +321,10 @@ pub fn generate(
         target_size: [request.height as f32, request.width as f32],
     };
     let sizes = vec![size; batch];
-    let attn = AttentionLimits::default();
+    let default = AttentionLimits::default();
+    let attn = AttentionLimits {
+        max_scores_bytes: request.max_binding_bytes.map_or(default.max_scores_bytes, |b| b.min(default.max_scores_bytes)),
+    };
     let mut latents = Tensor::<4>::from_data(TensorData::new(latents0, [1, channels, h, w]), device).cast(dtype);
     let mut step_latents = Vec::new();
     let mut step_seconds = Vec::new();
