@@ -143,15 +143,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.max_sequence_length == 0 {
         bail!("--max-sequence-length must be at least 1");
     }
-    // Size problems are found before anything is loaded.
-    let size_warnings = cogview_runtime::pipeline::check_size(&folder, args.width, args.height)?;
+    // Size problems are found before anything is loaded (the warnings come with the output).
+    cogview_runtime::pipeline::check_size(&folder, args.width, args.height)?;
     if let Some(path) = &args.latents {
         let f = folder.vae.scale_factor();
         let shape = [1, folder.transformer.in_channels, args.height / f, args.width / f];
         request.latents = Some(read_latents(path, shape).map_err(anyhow::Error::msg)?);
     }
     let target = cogview_runtime::target(args.device.device, args.device.backend, args.device.precision)?;
-    for w in size_warnings.iter().chain(&target.warnings) {
+    for w in &target.warnings {
         tracing::warn!("{w}");
     }
     tracing::info!(
@@ -167,7 +167,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     for w in &out.warnings {
         tracing::warn!("{w}");
     }
-    let text = vec![
+    let mut text = vec![
         ("prompt".to_string(), request.prompt.clone()),
         ("negative_prompt".into(), request.negative_prompt.clone().unwrap_or_default()),
         ("seed".into(), seed.to_string()),
@@ -180,7 +180,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ("adapter".into(), format!("{} ({})", target.adapter.label(), target.capabilities.compiler)),
         ("software".into(), format!("cogview {}", env!("CARGO_PKG_VERSION"))),
     ];
-    let mut text = text;
     for f in &out.fallbacks {
         text.push(("fallback".into(), f.clone()));
     }
@@ -192,12 +191,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     save_png(&args.output, &out.rgb, out.width, out.height, &text)?;
     let mib = |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64));
     eprintln!(
-        "wrote {} ({}x{}, seed {seed}); encode {:.1} s, denoise {:.1} s, decode {:.1} s; peak device memory: encode {}, denoise {}, decode {}",
+        "wrote {} ({}x{}, seed {seed}); encode {:.1} s, denoise {:.1} s ({:.2} s/step), decode {:.1} s; peak device memory: encode {}, denoise {}, decode {}",
         args.output.display(),
         out.width,
         out.height,
         out.text.seconds,
         out.denoise.seconds,
+        out.step_seconds.iter().sum::<f64>() / out.step_seconds.len().max(1) as f64,
         out.decode.seconds,
         mib(out.text.peak.in_use),
         mib(out.denoise.peak.in_use),

@@ -7,7 +7,7 @@
 use burn::tensor::activation::{sigmoid, tanh};
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{DType, FloatDType, Tensor};
+use burn::tensor::{FloatDType, Tensor};
 
 use crate::weights::WeightSource;
 
@@ -135,9 +135,4 @@ pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
     let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715)).mul_scalar(SQRT_2_OVER_PI);
     x.mul_scalar(0.5) * tanh(inner).add_scalar(1.0)
-}
-
-/// True for the dtypes this crate computes in.
-pub fn is_compute_dtype(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
 }
