@@ -111,8 +111,8 @@ fn tokenize_prints_padded_ids() {
 
 /// The initial latents of the reference run `s4_g7_64x64`, written as bf16 (any float dtype
 /// is accepted).
-fn latents_file(dir: &Path) -> PathBuf {
-    let bytes = std::fs::read(fixtures().join("base/refs/pipeline.safetensors")).unwrap();
+fn latents_file(dir: &Path, variant: &str) -> PathBuf {
+    let bytes = std::fs::read(fixtures().join(variant).join("refs/pipeline.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("s4_g7_64x64.latents").unwrap();
     let bf: Vec<u8> = t
@@ -135,7 +135,7 @@ fn png_text(path: &Path) -> Vec<(String, String)> {
 #[test]
 fn generate_writes_a_png_with_metadata_and_tensors() {
     let dir = tempfile::tempdir().unwrap();
-    let latents = latents_file(dir.path());
+    let latents = latents_file(dir.path(), "base");
     let png = dir.path().join("out.png");
     let tensors = dir.path().join("t");
     let o = cogview(&[
@@ -189,7 +189,7 @@ fn bad_generate_input_is_a_clear_error_and_writes_nothing() {
     assert_clean_error(&run(&["--steps", "2", "--width", "72", "--height", "64"]), "--width 72: must be a positive multiple of 16");
     assert_clean_error(&run(&["--steps", "2", "--width", "64", "--height", "1024"]), "--height 1024: at most 512");
     assert_clean_error(&run(&["--width", "64", "--height", "64", "--steps", "0"]), "--steps 0");
-    let latents = latents_file(dir.path());
+    let latents = latents_file(dir.path(), "base");
     assert_clean_error(&run(&["--steps", "2", "--width", "64", "--height", "96", "--latents", latents.to_str().unwrap()]), "expected [1, 16, 12, 8]");
     assert_clean_error(&run(&["--steps", "2", "--width", "64", "--height", "64", "--precision", "bf16"]), "bf16");
     assert!(!png.exists());
@@ -222,19 +222,22 @@ fn interrupted_run_leaves_no_file() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no partial file");
 }
 
-/// The real failure: f16 overflows inside block 0's feed-forward of the `overflow` fixture. The
-/// run stops naming the module and the step, and writes nothing; f32 and `--check-finite all`
-/// write the image.
+/// The real failure: f16 overflows inside block 0's feed-forward of the `overflow` fixture (with
+/// the prompt and initial latents diffusers' black image came from). The run stops naming the
+/// module and the step, and writes nothing; f32 and `--check-finite all` write the image.
 #[test]
 fn f16_overflow_stops_with_the_module_and_no_file() {
     let dir = tempfile::tempdir().unwrap();
+    let latents = latents_file(dir.path(), "overflow").to_string_lossy().into_owned();
     let png = dir.path().join("out.png");
     let model = fixtures().join("overflow/pipeline").to_string_lossy().into_owned();
+    let prompt = "A photo of a red fox sitting in the snow at sunrise, highly detailed, 4k.";
     let args = |precision: &'static str| {
         vec![
-            "generate".to_string(), "--model".into(), model.clone(), "--prompt".into(), "a red fox".into(), "--steps".into(), "2".into(),
-            "--width".into(), "64".into(), "--height".into(), "64".into(), "--device".into(), "cpu".into(), "--precision".into(),
-            precision.into(), "-o".into(), png.to_string_lossy().into_owned(),
+            "generate".to_string(), "--model".into(), model.clone(), "--prompt".into(), prompt.into(), "--steps".into(), "4".into(),
+            "--guidance".into(), "7".into(), "--width".into(), "64".into(), "--height".into(), "64".into(), "--latents".into(),
+            latents.clone(), "--device".into(), "cpu".into(), "--precision".into(), precision.into(), "-o".into(),
+            png.to_string_lossy().into_owned(),
         ]
     };
     let f16: Vec<String> = args("f16");
@@ -243,7 +246,7 @@ fn f16_overflow_stops_with_the_module_and_no_file() {
     assert!(stderr(&o).contains("at step 0 (timestep 999)"));
     assert!(stderr(&o).contains("use --precision f32"));
     assert!(!png.exists());
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only the latents file");
     let mut f32_all: Vec<String> = args("f32");
     f32_all.extend(["--check-finite".to_string(), "all".to_string()]);
     assert!(cogview(&f32_all.iter().map(String::as_str).collect::<Vec<_>>()).status.success());
