@@ -33,6 +33,12 @@ enum Command {
     /// Describe a model folder: components, parameters, stored dtypes, files, configs, and the
     /// device and precision cogview would use for it here.
     Inspect(inspect::InspectArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
     /// Time the stages on random weights (no checkpoint needed).
     Bench(Box<bench::BenchArgs>),
     /// Print the token ids of a prompt as the pipeline pads them (JSON).
@@ -78,6 +84,13 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(*args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Bench(args) => bench::run(*args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "cogview", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut std::io::stdout())
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

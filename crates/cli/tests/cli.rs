@@ -265,3 +265,14 @@ fn bench_reports_every_stage() {
     }
     assert_eq!(v["report"]["dit_layers"], 2);
 }
+
+#[test]
+fn completions_and_man_page() {
+    let o = cogview(&["completions", "bash"]);
+    assert!(o.status.success());
+    let script = stdout(&o);
+    assert!(script.contains("_cogview") && script.contains("--precision"), "{script}");
+    let o = cogview(&["man"]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains(".TH cogview"));
+}
