@@ -107,9 +107,8 @@ impl WeightSource for KeyRecorder {
 /// for.
 pub fn check(component: Component, ck: &Checkpoint, wanted: &[(String, Vec<usize>)], all: &[(String, Vec<usize>)]) -> LoadReport {
     let mut report = LoadReport::default();
-    let aliases: HashMap<&str, &str> = component.aliases().iter().copied().collect();
     for (key, shape) in wanted {
-        let stored = stored_name(ck, key, &aliases);
+        let stored = stored_name(ck, component, key);
         match stored.and_then(|k| ck.meta(k)) {
             None => report.missing.push(key.clone()),
             Some(m) if &m.shape != shape => report.mismatched.push((key.clone(), shape.clone(), m.shape.clone())),
@@ -119,7 +118,7 @@ pub fn check(component: Component, ck: &Checkpoint, wanted: &[(String, Vec<usize
     let known: HashSet<&str> = all
         .iter()
         .flat_map(|(k, _)| {
-            let stored = stored_name(ck, k, &aliases);
+            let stored = stored_name(ck, component, k);
             [Some(k.as_str()), stored].into_iter().flatten()
         })
         .collect();
@@ -138,11 +137,11 @@ pub fn check(component: Component, ck: &Checkpoint, wanted: &[(String, Vec<usize
 }
 
 /// The stored name of `key`: itself, or its alias when only that is stored.
-fn stored_name<'k>(ck: &Checkpoint, key: &'k str, aliases: &HashMap<&'k str, &'k str>) -> Option<&'k str> {
+fn stored_name<'k>(ck: &Checkpoint, component: Component, key: &'k str) -> Option<&'k str> {
     if ck.meta(key).is_some() {
         return Some(key);
     }
-    aliases.get(key).copied().filter(|a| ck.meta(a).is_some())
+    component.aliases().iter().find(|(k, _)| *k == key).map(|(_, alias)| *alias).filter(|a| ck.meta(a).is_some())
 }
 
 /// Reads tensors from a checkpoint onto a device, each in the dtype `dtype_for(key)` gives.
@@ -187,9 +186,8 @@ impl<'a> Loader<'a> {
 impl WeightSource for Loader<'_> {
     fn tensor<const D: usize>(&self, key: &str, shape: [usize; D]) -> Tensor<D> {
         let full = join(&self.prefix, key);
-        let aliases: HashMap<&str, &str> = self.component.aliases().iter().copied().collect();
         let mut state = self.state.borrow_mut();
-        let Some(stored) = stored_name(self.ck, &full, &aliases) else {
+        let Some(stored) = stored_name(self.ck, self.component, &full) else {
             state.0.missing.push(full);
             return placeholder();
         };

@@ -288,23 +288,6 @@ pub struct DitEmbeddings {
     pos_cache: Mutex<Option<((usize, usize), Tensor<2>)>>,
 }
 
-impl Clone for DitEmbeddings {
-    fn clone(&self) -> Self {
-        Self {
-            patch_proj: self.patch_proj.clone(),
-            text_proj: self.text_proj.clone(),
-            time_linear_1: self.time_linear_1.clone(),
-            time_linear_2: self.time_linear_2.clone(),
-            cond_linear_1: self.cond_linear_1.clone(),
-            cond_linear_2: self.cond_linear_2.clone(),
-            norm_out_linear: self.norm_out_linear.clone(),
-            proj_out: self.proj_out.clone(),
-            config: self.config.clone(),
-            pos_cache: Mutex::new(None),
-        }
-    }
-}
-
 impl DitEmbeddings {
     /// `w` is at the checkpoint root.
     pub fn load(w: &impl WeightSource, c: &DitConfig) -> Self {
@@ -414,7 +397,7 @@ impl DitEmbeddings {
 }
 
 /// The whole transformer, resident.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Dit {
     pub embeddings: DitEmbeddings,
     /// `transformer_blocks.{i}`
