@@ -8,7 +8,7 @@ use cogview_runtime::import::weights::check;
 use cogview_runtime::import::{Component, ImportError, Loader, ModelFolder};
 use cogview_runtime::models::dit::Dit;
 use cogview_runtime::models::t5::{T5Block, T5Embedding};
-use cogview_runtime::models::WeightSource;
+use cogview_runtime::models::{Weight, WeightSource, WeightStorage};
 use cogview_runtime::models::vae::Decoder;
 use cogview_tests::{copy_dir, edit_json, fixture, pipeline, rewrite_safetensors};
 
@@ -36,7 +36,7 @@ fn single_file_f32_loads_bit_for_bit() {
     let file = folder.component_dir(Component::Transformer).join("diffusion_pytorch_model.safetensors");
     let (dtype, bytes) = stored(&file, "transformer_blocks.1.ff.net.0.proj.weight");
     assert_eq!(dtype, safetensors::Dtype::F32);
-    assert_eq!(dit.blocks[1].ff_proj.weight.clone().into_data().as_bytes(), bytes.as_slice());
+    assert_eq!(dit.blocks[1].ff_proj.weight.get().into_data().as_bytes(), bytes.as_slice());
     let (_, bytes) = stored(&file, "norm_out.linear.bias");
     assert_eq!(dit.embeddings.norm_out_linear.bias.clone().unwrap().into_data().as_bytes(), bytes.as_slice());
 }
@@ -54,7 +54,7 @@ fn sharded_f32_loads_bit_for_bit_and_partially_by_prefix() {
     assert_eq!(report.applied.len(), 9); // q, k, v, o, 2 norms, wi_0, wi_1, wo
     let key = "encoder.block.2.layer.1.DenseReluDense.wo.weight";
     let file = ck.file_of(key).unwrap().path().to_path_buf();
-    assert_eq!(block.wo.weight.into_data().as_bytes(), stored(&file, key).1.as_slice());
+    assert_eq!(block.wo.weight.get().into_data().as_bytes(), stored(&file, key).1.as_slice());
     // The embedding is stored once, as shared.weight.
     let (emb, _) = loader.load(|w| T5Embedding::load(w, &folder.text_encoder)).unwrap();
     let file = ck.file_of("shared.weight").unwrap().path().to_path_buf();
@@ -73,11 +73,19 @@ fn bf16_stored_loads_as_bf16_exactly_and_widens_to_f32_exactly() {
     let as_bf16 = Loader::new(&ck, Component::Vae, &dev, |_| DType::BF16);
     let (dec, _) = as_bf16.load(|w| Decoder::load(w, &folder.vae)).unwrap();
     assert_eq!(dec.up_blocks[1].resnets[0].conv1.weight.dtype(), DType::BF16);
-    assert_eq!(dec.up_blocks[1].resnets[0].conv1.weight.clone().into_data().as_bytes(), bytes.as_slice());
+    assert_eq!(dec.up_blocks[1].resnets[0].conv1.weight.get().into_data().as_bytes(), bytes.as_slice());
+    let widened: Vec<f32> = bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
     let as_f32 = Loader::new(&ck, Component::Vae, &dev, |_| DType::F32);
     let (dec, _) = as_f32.load(|w| Decoder::load(w, &folder.vae)).unwrap();
-    let widened: Vec<f32> = bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
-    assert_eq!(dec.up_blocks[1].resnets[0].conv1.weight.clone().into_data().try_to_vec::<f32>().unwrap(), widened);
+    assert_eq!(dec.up_blocks[1].resnets[0].conv1.weight.get().into_data().try_to_vec::<f32>().unwrap(), widened);
+    // Stored as bf16, computed in f32: the stored bytes are the checkpoint's, the weight at use
+    // is the same widened f32.
+    let bf16_stored = Loader::new(&ck, Component::Vae, &dev, |_| DType::F32).with_storage(WeightStorage::Bf16);
+    let (dec, _) = bf16_stored.load(|w| Decoder::load(w, &folder.vae)).unwrap();
+    let Weight::Bf16 { stored, compute } = &dec.up_blocks[1].resnets[0].conv1.weight else { panic!("not stored as bf16") };
+    assert_eq!((stored.dtype(), *compute), (DType::BF16, DType::F32));
+    assert_eq!(stored.clone().into_data().as_bytes(), bytes.as_slice());
+    assert_eq!(dec.up_blocks[1].resnets[0].conv1.weight.get().into_data().try_to_vec::<f32>().unwrap(), widened);
 }
 
 /// The real checkpoint's key names (tests/fixtures/real, written by tools/real_layout.py from

@@ -3,7 +3,9 @@
 //! each), so the stages share shapes with the pipeline run (the `base` fixture at 64x96, 224
 //! text tokens) and the compiled kernels.
 
-use burn::tensor::DType;
+use burn::tensor::{DType, Device};
+use cogview_shaders::bf16::{unpack_bf16, unpack_bf16_reference, upload_packed};
+use rand::{Rng, SeedableRng};
 use cogview_runtime::text::WeightsMode;
 use cogview_tests::stages::{DIT_F32_TOL, T5_F32_TOL, decode_case, encode, forward_cases, run_case};
 use cogview_tests::{Refs, assert_close, lavapipe};
@@ -21,4 +23,27 @@ fn every_stage_on_lavapipe() {
     forward_cases("base", &["rect"], &dev, DType::F32, DIT_F32_TOL);
     decode_case("base", "h8w12", &dev);
     run_case("base", "s4_g7_64x96", &dev);
+}
+
+/// The bf16 unpacking kernel against its plain-burn reference (a burn bf16 tensor cast to f32
+/// on the CPU backend), bit for bit, on lengths that are odd, tiny, or not multiples of any
+/// workgroup size, over random bit patterns plus the special values (±0, ±inf, NaN,
+/// subnormals, the largest finite).
+#[test]
+fn bf16_unpacking_kernel_matches_reference() {
+    let (_, dev) = lavapipe();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let specials = [0x0000u16, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0xFFC1, 0x0001, 0x807F, 0x7F7F, 0x3F80, 0xBF80];
+    for len in [1usize, 2, 3, 63, 64, 65, 255, 257, 1023, 4097, 65_537, 300_001] {
+        let mut bits: Vec<u16> = (0..len).map(|_| rng.random()).collect();
+        for (b, s) in bits.iter_mut().zip(specials) {
+            *b = s;
+        }
+        let got = unpack_bf16(upload_packed(&bits, &dev), len).into_data().try_to_vec::<f32>().unwrap();
+        let want = unpack_bf16_reference(&bits, &Device::flex()).into_data().try_to_vec::<f32>().unwrap();
+        assert_eq!(got.len(), len);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "len {len}, element {i}: kernel {g:e} ({:#010x}), reference {w:e} ({:#010x}) from bf16 {:#06x}", g.to_bits(), w.to_bits(), bits[i]);
+        }
+    }
 }

@@ -111,3 +111,31 @@ fn vae_with_mid_attention_and_quant_convs() {
     let mean = Encoder::mode(enc.forward(refs.tensor::<4>("image", &dev), &mut NoProbe));
     assert_close("vae_attn encode (mean)", &values(mean), &refs.f32("encoded_mean"), VAE_F32_TOL);
 }
+
+/// The tiled decode against diffusers' own (`AutoencoderKL.enable_tiling()`; the fixture's
+/// `sample_size` 64 gives 8-latent tiles): 3 × 4 tiles with blended seams, within the untiled
+/// decode's tolerance. Against the untiled decode, each tile normalises over itself, so the
+/// two differ by what tiling changes, not by rounding: ours must be no further from the
+/// untiled decode (in mean |Δ|) than diffusers' tiling is, plus [`VAE_F32_TOL`] of slack.
+#[test]
+fn tiled_decode_matches_diffusers_tiling() {
+    let f = folder("base");
+    let dev = Device::flex();
+    let (ck, _) = f.open_weights(Component::Vae).unwrap();
+    let dec = Loader::new(&ck, Component::Vae, &dev, |_| DType::F32).load(|w| Decoder::load(w, &f.vae)).unwrap().0;
+    let refs = Refs::open("base", "vae_tiled");
+    let z = refs.tensor::<4>("latents", &dev).div_scalar(f.vae.scaling_factor);
+    let tiled = values(dec.forward_tiled(z.clone(), 8, &mut NoProbe));
+    let want = refs.f32("tiled");
+    assert_close("base vae tiled (8-latent tiles)", &tiled, &want, VAE_F32_TOL);
+    let untiled = values(dec.forward(z, &mut NoProbe));
+    assert_close("base vae untiled", &untiled, &refs.f32("untiled"), VAE_F32_TOL);
+    let mean_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64).sum::<f64>() / a.len() as f64;
+    let ours = mean_diff(&tiled, &untiled);
+    let theirs = mean_diff(&want, &refs.f32("untiled"));
+    println!("mean |tiled − untiled|: ours {ours:.4e}, diffusers {theirs:.4e}");
+    assert!(ours <= theirs + VAE_F32_TOL as f64, "tiling moved the decode by {ours:.4e} on average, diffusers' by {theirs:.4e}");
+    // A tile as large as the latents is the untiled decode.
+    let whole = values(dec.forward_tiled(refs.tensor::<4>("latents", &dev).div_scalar(f.vae.scaling_factor), 32, &mut NoProbe));
+    assert_eq!(whole, untiled);
+}

@@ -15,8 +15,8 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
-use burn::tensor::{DType, Device, Tensor};
-use cogview_models::WeightSource;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use cogview_models::{Weight, WeightSource, WeightStorage};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::ImportError;
@@ -151,6 +151,7 @@ pub struct Loader<'a> {
     component: Component,
     device: Device,
     dtype_for: Rc<dyn Fn(&str) -> DType + 'a>,
+    storage: WeightStorage,
     prefix: String,
     state: Rc<RefCell<(LoadReport, Option<ImportError>)>>,
 }
@@ -162,8 +163,40 @@ impl<'a> Loader<'a> {
             component,
             device: device.clone(),
             dtype_for: Rc::new(dtype_for),
+            storage: WeightStorage::Compute,
             prefix: String::new(),
             state: Default::default(),
+        }
+    }
+
+    /// Keeps matrices and conv kernels (what modules ask for with `weight`) in `storage`.
+    pub fn with_storage(mut self, storage: WeightStorage) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    /// The stored data of `key`, converted to `dtype`, or `None` with the problem recorded.
+    fn read(&self, key: &str, shape: &[usize], dtype: DType) -> Option<TensorData> {
+        let full = join(&self.prefix, key);
+        let mut state = self.state.borrow_mut();
+        let Some(stored) = stored_name(self.ck, self.component, &full) else {
+            state.0.missing.push(full);
+            return None;
+        };
+        let meta = self.ck.meta(stored).expect("stored_name checks it exists");
+        if meta.shape != shape {
+            state.0.mismatched.push((full, shape.to_vec(), meta.shape.clone()));
+            return None;
+        }
+        match self.ck.read(stored, dtype) {
+            Ok(data) => {
+                state.0.applied.push(full);
+                Some(data)
+            }
+            Err(e) => {
+                state.1.get_or_insert(e);
+                None
+            }
         }
     }
 
@@ -185,27 +218,21 @@ impl<'a> Loader<'a> {
 
 impl WeightSource for Loader<'_> {
     fn tensor<const D: usize>(&self, key: &str, shape: [usize; D]) -> Tensor<D> {
-        let full = join(&self.prefix, key);
-        let mut state = self.state.borrow_mut();
-        let Some(stored) = stored_name(self.ck, self.component, &full) else {
-            state.0.missing.push(full);
-            return placeholder();
-        };
-        let meta = self.ck.meta(stored).expect("stored_name checks it exists");
-        if meta.shape != shape {
-            state.0.mismatched.push((full, shape.to_vec(), meta.shape.clone()));
-            return placeholder();
+        let dtype = (self.dtype_for)(&join(&self.prefix, key));
+        match self.read(key, &shape, dtype) {
+            Some(data) => Tensor::from_data(data, (&self.device, dtype)),
+            None => placeholder(),
         }
-        let dtype = (self.dtype_for)(&full);
-        match self.ck.read(stored, dtype) {
-            Ok(data) => {
-                state.0.applied.push(full);
-                Tensor::from_data(data, (&self.device, dtype))
-            }
-            Err(e) => {
-                state.1.get_or_insert(e);
-                placeholder()
-            }
+    }
+
+    fn weight<const D: usize>(&self, key: &str, shape: [usize; D]) -> Weight<D> {
+        let compute = (self.dtype_for)(&join(&self.prefix, key));
+        if self.storage == WeightStorage::Compute || compute == DType::BF16 {
+            return Weight::Dense(self.tensor(key, shape));
+        }
+        match self.read(key, &shape, DType::BF16) {
+            Some(data) => Weight::store(data, self.storage, compute, &self.device),
+            None => Weight::Dense(placeholder()),
         }
     }
 

@@ -6,9 +6,11 @@ pub mod dit;
 pub mod nn;
 pub mod probe;
 pub mod scheduler;
+pub mod storage;
 pub mod t5;
 pub mod vae;
 pub mod weights;
 
 pub use probe::{NoProbe, Probe};
+pub use storage::{Weight, WeightStorage};
 pub use weights::WeightSource;

@@ -9,19 +9,20 @@ use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{FloatDType, Tensor};
 
+use crate::storage::Weight;
 use crate::weights::WeightSource;
 
 /// `torch.nn.Linear`: `y = x W^T + b`, weight stored `[out, in]` as in the checkpoint.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    pub weight: Tensor<2>,
+    pub weight: Weight<2>,
     pub bias: Option<Tensor<1>>,
 }
 
 impl Linear {
     pub fn load(w: &impl WeightSource, d_in: usize, d_out: usize, bias: bool) -> Self {
         Self {
-            weight: w.tensor("weight", [d_out, d_in]),
+            weight: w.weight("weight", [d_out, d_in]),
             bias: bias.then(|| w.tensor("bias", [d_out])),
         }
     }
@@ -29,8 +30,9 @@ impl Linear {
     /// # Shapes
     /// - x: `[..., d_in]` → `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let x = x.cast(self.weight.dtype());
-        burn::tensor::module::linear(x, self.weight.clone().transpose(), self.bias.clone())
+        let weight = self.weight.get();
+        let x = x.cast(weight.dtype());
+        burn::tensor::module::linear(x, weight.transpose(), self.bias.clone())
     }
 }
 
@@ -38,7 +40,7 @@ impl Linear {
 /// downsampling conv (stride 2 after a zero pad of one row and column at the bottom/right).
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    pub weight: Tensor<4>,
+    pub weight: Weight<4>,
     pub bias: Tensor<1>,
     options: ConvOptions<2>,
 }
@@ -56,14 +58,15 @@ impl Conv2d {
     }
 
     fn load_with(w: &impl WeightSource, c_in: usize, c_out: usize, k: usize, options: ConvOptions<2>) -> Self {
-        Self { weight: w.tensor("weight", [c_out, c_in, k, k]), bias: w.tensor("bias", [c_out]), options }
+        Self { weight: w.weight("weight", [c_out, c_in, k, k]), bias: w.tensor("bias", [c_out]), options }
     }
 
     /// # Shapes
     /// - x: `[N, C_in, H, W]` → `[N, C_out, H', W']`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = x.cast(self.weight.dtype());
-        conv2d(x, self.weight.clone(), Some(self.bias.clone()), self.options.clone())
+        let weight = self.weight.get();
+        let x = x.cast(weight.dtype());
+        conv2d(x, weight, Some(self.bias.clone()), self.options.clone())
     }
 }
 

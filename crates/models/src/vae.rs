@@ -275,6 +275,70 @@ impl Decoder {
     }
 }
 
+impl Decoder {
+    /// diffusers' `AutoencoderKL.tiled_decode`: the latents cut into `tile`×`tile` tiles that
+    /// overlap by a quarter, each decoded alone, each tile blended into its upper then its
+    /// left neighbour (already blended) over a quarter of a tile, then the tiles cropped and
+    /// joined. Bounds the decode's memory by one tile whatever the image size. Each tile is
+    /// normalised over itself, so the result is close to, not equal to, the untiled decode.
+    ///
+    /// # Shapes
+    /// - z: `[N, latent, h, w]` → `[N, out, h·f, w·f]`
+    pub fn forward_tiled(&self, z: Tensor<4>, tile: usize, probe: &mut impl Probe) -> Tensor<4> {
+        let [_, _, h, w] = z.dims();
+        let factor = 1 << (self.up_blocks.len() - 1);
+        let stride = (tile as f64 * (1.0 - TILE_OVERLAP)) as usize;
+        let sample_tile = tile * factor;
+        let blend = (sample_tile as f64 * TILE_OVERLAP) as usize;
+        let keep = sample_tile - blend;
+        let mut rows: Vec<Vec<Tensor<4>>> = Vec::new();
+        for i in (0..h).step_by(stride.max(1)) {
+            let mut row: Vec<Tensor<4>> = Vec::new();
+            for j in (0..w).step_by(stride.max(1)) {
+                let part = z.clone().narrow(2, i, tile.min(h - i)).narrow(3, j, tile.min(w - j));
+                let mut decoded = self.forward(part, probe);
+                if let Some(above) = rows.last() {
+                    decoded = blend_edges(&above[row.len()], decoded, blend, 2);
+                }
+                if let Some(left) = row.last() {
+                    decoded = blend_edges(left, decoded, blend, 3);
+                }
+                row.push(decoded);
+            }
+            rows.push(row);
+        }
+        let crop = |t: &Tensor<4>| {
+            let [_, _, th, tw] = t.dims();
+            t.clone().narrow(2, 0, keep.min(th)).narrow(3, 0, keep.min(tw))
+        };
+        let joined = rows.iter().map(|row| Tensor::cat(row.iter().map(crop).collect(), 3)).collect();
+        Tensor::cat(joined, 2)
+    }
+}
+
+/// The tiles' overlap, as a fraction of a tile (diffusers' `tile_overlap_factor`).
+pub const TILE_OVERLAP: f64 = 0.25;
+
+/// diffusers' `blend_v` (dim 2) / `blend_h` (dim 3): the first `extent` rows (columns) of `b`
+/// become `a`'s last ones × (1 − y/extent) + `b`'s × y/extent.
+fn blend_edges(a: &Tensor<4>, b: Tensor<4>, extent: usize, dim: usize) -> Tensor<4> {
+    let extent = extent.min(a.dims()[dim]).min(b.dims()[dim]);
+    if extent == 0 {
+        return b;
+    }
+    let device = b.device();
+    let mut shape = [1usize; 4];
+    shape[dim] = extent;
+    let ramp: Vec<f32> = (0..extent).map(|y| (y as f64 / extent as f64) as f32).collect();
+    let rest: Vec<f32> = (0..extent).map(|y| (1.0 - y as f64 / extent as f64) as f32).collect();
+    let ramp = Tensor::<1>::from_floats(ramp.as_slice(), &device).reshape(shape).cast(b.dtype());
+    let rest = Tensor::<1>::from_floats(rest.as_slice(), &device).reshape(shape).cast(b.dtype());
+    let len_a = a.dims()[dim];
+    let len_b = b.dims()[dim];
+    let edge = a.clone().narrow(dim, len_a - extent, extent) * rest + b.clone().narrow(dim, 0, extent) * ramp;
+    if extent == len_b { edge } else { Tensor::cat(vec![edge, b.narrow(dim, extent, len_b - extent)], dim) }
+}
+
 /// `F.interpolate(x, scale_factor=2, mode="nearest")`: out[y, x] = in[y/2, x/2].
 ///
 /// # Shapes

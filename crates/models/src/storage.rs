@@ -1,0 +1,80 @@
+//! How the big weights (matrices and conv kernels) are kept on the device between uses.
+//!
+//! The DiT and VAE checkpoints are bf16. Computing in f32 (every adapter without bf16
+//! arithmetic) does not need them *stored* in f32: each layer widens its weight when it runs,
+//! so only one layer's f32 copy exists at a time. Where the adapter stores bf16 the weight is a
+//! bf16 tensor; where it cannot (WGSL, most Vulkan and DX12 adapters) it is packed two values
+//! per `u32` and widened by the kernel in `cogview-shaders`. Both are exact: every bf16 value
+//! is an f32 value.
+
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+
+/// Where a [`Weight`] lives between uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightStorage {
+    /// In the compute dtype (no conversion at use).
+    Compute,
+    /// As a bf16 tensor, cast to the compute dtype at use (adapters that store bf16).
+    Bf16,
+    /// As bf16 pairs packed in `u32` words, unpacked by a kernel at use (adapters that can't).
+    PackedBf16,
+}
+
+impl WeightStorage {
+    /// Bytes per value stored.
+    pub fn bytes_per_value(self, compute: DType) -> usize {
+        match self {
+            WeightStorage::Compute => compute.size(),
+            WeightStorage::Bf16 | WeightStorage::PackedBf16 => 2,
+        }
+    }
+}
+
+/// A matrix or conv kernel, stored as its [`WeightStorage`] says.
+#[derive(Clone, Debug)]
+pub enum Weight<const D: usize> {
+    Dense(Tensor<D>),
+    Bf16 { stored: Tensor<D>, compute: DType },
+    Packed { words: Tensor<1, Int>, shape: [usize; D], compute: DType },
+}
+
+impl<const D: usize> Weight<D> {
+    /// Puts `data` (any float dtype; rounded to bf16 for the bf16 storages, which is exact for
+    /// a bf16 checkpoint) on `device`.
+    pub fn store(data: TensorData, storage: WeightStorage, compute: DType, device: &Device) -> Self {
+        let shape: [usize; D] = data.shape().to_vec().try_into().expect("weight rank");
+        match storage {
+            WeightStorage::Compute => Weight::Dense(Tensor::from_data(data.convert_dtype(compute), (device, compute))),
+            _ if compute == DType::BF16 => Weight::Dense(Tensor::from_data(data.convert_dtype(compute), (device, compute))),
+            WeightStorage::Bf16 => {
+                Weight::Bf16 { stored: Tensor::from_data(data.convert_dtype(DType::BF16), (device, DType::BF16)), compute }
+            }
+            WeightStorage::PackedBf16 => {
+                let data = data.convert_dtype(DType::BF16);
+                let values = data.as_slice::<half::bf16>().expect("converted to bf16");
+                let bits: Vec<u16> = values.iter().map(|v| v.to_bits()).collect();
+                Weight::Packed { words: cogview_shaders::bf16::upload_packed(&bits, device), shape, compute }
+            }
+        }
+    }
+
+    /// The weight in the compute dtype.
+    pub fn get(&self) -> Tensor<D> {
+        match self {
+            Weight::Dense(t) => t.clone(),
+            Weight::Bf16 { stored, compute } => stored.clone().cast(*compute),
+            Weight::Packed { words, shape, compute } => {
+                let n = shape.iter().product();
+                cogview_shaders::bf16::unpack_bf16(words.clone(), n).reshape(*shape).cast(*compute)
+            }
+        }
+    }
+
+    /// The dtype [`get`](Self::get) gives.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Weight::Dense(t) => t.dtype(),
+            Weight::Bf16 { compute, .. } | Weight::Packed { compute, .. } => *compute,
+        }
+    }
+}
