@@ -3,11 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
 use cogview_runtime::RuntimeError;
 use cogview_runtime::guard::CheckFinite;
 use cogview_runtime::import::ModelFolder;
-use cogview_runtime::pipeline::{Guarding, Output, Quiet, Request, generate};
+use cogview_runtime::pipeline::{Guarding, Output, Quiet, Request, generate, plan};
 use cogview_runtime::precision::{ComputeDtype, Precision, PrecisionDecision};
 use cogview_tests::{Refs, assert_close, copy_dir, pipeline, rewrite_safetensors};
 
@@ -36,7 +36,9 @@ fn request(variant: &str) -> Request {
 fn run(folder: &Path, requested: Precision, dtype: ComputeDtype, check: CheckFinite) -> Result<Output, RuntimeError> {
     let f = ModelFolder::open(folder.to_str().unwrap()).unwrap();
     let guard = Guarding { precision: PrecisionDecision::fixed(requested, dtype), check };
-    generate(&f, &Device::flex(), &guard, &request("overflow"), &mut Quiet)
+    let request = request("overflow");
+    let plan = plan(&f, &Device::flex(), dtype.dtype(), &request).unwrap();
+    generate(&f, &Device::flex(), &guard, &request, &plan, &mut Quiet)
 }
 
 /// `[1, 3, H, W]` floats in NHWC order, as diffusers' `image_np`.
@@ -130,6 +132,8 @@ fn nearly_uniform_image_warns() {
     let (_dir, root) = plant("vae/diffusion_pytorch_model.safetensors", "decoder.conv_out.weight", |d| d.fill(0));
     let f = ModelFolder::open(root.to_str().unwrap()).unwrap();
     let guard = Guarding::new(PrecisionDecision::fixed(Precision::F32, ComputeDtype::F32));
-    let out = generate(&f, &Device::flex(), &guard, &request("base"), &mut Quiet).unwrap();
+    let request = request("base");
+    let plan = plan(&f, &Device::flex(), DType::F32, &request).unwrap();
+    let out = generate(&f, &Device::flex(), &guard, &request, &plan, &mut Quiet).unwrap();
     assert!(out.warnings.iter().any(|w| w.contains("nearly uniform")), "{:?}", out.warnings);
 }

@@ -7,7 +7,8 @@ use burn::tensor::{DType, Device};
 use cogview_shaders::bf16::{unpack_bf16, unpack_bf16_reference, upload_packed};
 use rand::{Rng, SeedableRng};
 use cogview_runtime::text::WeightsMode;
-use cogview_tests::stages::{DIT_F32_TOL, T5_F32_TOL, decode_case, encode, forward_cases, run_case};
+use cogview_runtime::plan::{WeightStorageName, WeightsChoice};
+use cogview_tests::stages::{DIT_F32_TOL, T5_F32_TOL, assert_identical, bf16_copy, decode_case, encode, forward_cases, run_case, run_stored};
 use cogview_tests::{Refs, assert_close, lavapipe};
 
 #[test]
@@ -23,6 +24,13 @@ fn every_stage_on_lavapipe() {
     forward_cases("base", &["rect"], &dev, DType::F32, DIT_F32_TOL);
     decode_case("base", "h8w12", &dev);
     run_case("base", "s4_g7_64x96", &dev);
+    // bf16 weights packed in u32 (WGSL stores no bf16) and unpacked by the kernel at use, the
+    // transformer streamed: bit-identical to f32 storage of the same bf16 values.
+    let (_dir, f) = bf16_copy("base");
+    let f32_stored = run_stored(&f, "base", "s4_g7_64x96", &dev, WeightsChoice::F32, |_| {});
+    let packed = run_stored(&f, "base", "s4_g7_64x96", &dev, WeightsChoice::Auto, |p| p.dit_mode = WeightsMode::Streamed);
+    assert_eq!(packed.plan.storage, WeightStorageName::PackedBf16, "{}", packed.plan.storage_reason);
+    assert_identical("lavapipe packed-bf16 streamed vs f32-stored", &f32_stored, &packed);
 }
 
 /// The bf16 unpacking kernel against its plain-burn reference (a burn bf16 tensor cast to f32

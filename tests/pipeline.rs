@@ -8,7 +8,9 @@ use cogview_runtime::models::NoProbe;
 use cogview_runtime::models::vae::Decoder;
 use cogview_runtime::pipeline::{prompt_embeddings, to_u8};
 use cogview_runtime::text::{TextEncoder, WeightsMode};
-use cogview_tests::stages::{VAE_F32_TOL, decode_case, folder, manifest, run_case};
+use cogview_runtime::pipeline::plan;
+use cogview_runtime::plan::{WeightStorageName, WeightsChoice};
+use cogview_tests::stages::{VAE_F32_TOL, assert_identical, bf16_copy, decode_case, folder, manifest, run_case, run_stored};
 use cogview_tests::{Refs, assert_close, fixture, values};
 
 /// Prompt embeddings through `encode_prompt`: as the T5 tolerance.
@@ -138,4 +140,28 @@ fn tiled_decode_matches_diffusers_tiling() {
     // A tile as large as the latents is the untiled decode.
     let whole = values(dec.forward_tiled(refs.tensor::<4>("latents", &dev).div_scalar(f.vae.scaling_factor), 32, &mut NoProbe));
     assert_eq!(whole, untiled);
+}
+
+/// The weight storages and the streamed transformer change where weights live, not what is
+/// computed: on a fixture whose transformer and VAE hold bf16 values (as the real checkpoints
+/// do), f32 storage, bf16 storage and a streamed transformer give bit-identical runs.
+#[test]
+fn storage_modes_and_streaming_are_bit_identical() {
+    let dev = Device::flex();
+    let case = "s4_g7_64x96";
+    let (_dir, f) = bf16_copy("base");
+    let f32_stored = run_stored(&f, "base", case, &dev, WeightsChoice::F32, |_| {});
+    assert_eq!(f32_stored.plan.storage, WeightStorageName::Compute);
+    let bf16_stored = run_stored(&f, "base", case, &dev, WeightsChoice::Auto, |_| {});
+    assert_eq!(bf16_stored.plan.storage, WeightStorageName::Bf16, "{}", bf16_stored.plan.storage_reason);
+    assert_identical("bf16-stored vs f32-stored", &f32_stored, &bf16_stored);
+    let streamed = run_stored(&f, "base", case, &dev, WeightsChoice::Auto, |p| {
+        p.dit_mode = WeightsMode::Streamed;
+        p.text_mode = WeightsMode::Streamed;
+    });
+    assert_identical("streamed vs resident", &bf16_stored, &streamed);
+    // An f32 checkpoint stays in f32 under auto: bf16 would round it.
+    let req = cogview_tests::stages::request("base", case);
+    let p = plan(&folder("base"), &dev, DType::F32, &req).unwrap();
+    assert_eq!(p.storage, WeightStorageName::Compute, "{}", p.storage_reason);
 }

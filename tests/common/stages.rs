@@ -7,7 +7,8 @@ use cogview_runtime::memory::PeakMemory;
 use cogview_runtime::models::NoProbe;
 use cogview_runtime::models::dit::{AttentionLimits, Dit, SizeCondition};
 use cogview_runtime::models::vae::Decoder;
-use cogview_runtime::pipeline::{Guarding, Quiet, Request, generate};
+use cogview_runtime::pipeline::{Guarding, Output, Quiet, Request, generate, plan};
+use cogview_runtime::plan::{Plan, WeightsChoice};
 use cogview_runtime::precision::{ComputeDtype, Precision, PrecisionDecision};
 use cogview_runtime::text::{TextEncoder, WeightsMode};
 
@@ -133,7 +134,8 @@ pub fn run_case(variant: &str, case: &str, device: &Device) {
     let f = folder(variant);
     let req = request(variant, case);
     let guard = Guarding::new(PrecisionDecision::fixed(Precision::F32, ComputeDtype::F32));
-    let out = generate(&f, device, &guard, &req, &mut Quiet).unwrap();
+    let plan = plan(&f, device, DType::F32, &req).unwrap();
+    let out = generate(&f, device, &guard, &req, &plan, &mut Quiet).unwrap();
     let refs = Refs::open(variant, "pipeline");
     let t = out.tensors.unwrap();
     assert_eq!(t.step_latents.1, refs.shape(&format!("{case}.step_latents")));
@@ -155,4 +157,46 @@ pub fn decode_case(variant: &str, case: &str, device: &Device) {
     let z = refs.tensor::<4>(&format!("{case}.latents"), device).div_scalar(f.vae.scaling_factor);
     let out = dec.forward(z, &mut NoProbe);
     assert_close(&format!("{variant} vae {case}"), &values(out), &refs.f32(&format!("{case}.decoded")), VAE_F32_TOL);
+}
+
+/// A copy of a fixture whose transformer and VAE weights are rounded to bf16, as the real
+/// checkpoints are: the storage modes must then give bit-identical results.
+pub fn bf16_copy(variant: &str) -> (tempfile::TempDir, ModelFolder) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("pipeline");
+    crate::copy_dir(&pipeline(variant), &root);
+    for file in ["transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"] {
+        crate::rewrite_safetensors(&root.join(file), |(k, dtype, shape, data)| {
+            if dtype != safetensors::Dtype::F32 {
+                return Some((k, dtype, shape, data));
+            }
+            let bf16: Vec<u8> = data
+                .chunks_exact(4)
+                .flat_map(|c| half::bf16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+                .collect();
+            Some((k, safetensors::Dtype::BF16, shape, bf16))
+        });
+    }
+    let f = ModelFolder::open(root.to_str().unwrap()).unwrap();
+    (dir, f)
+}
+
+/// A reference case of `variant` on `f` in f32 with `--weights weights`, its plan edited by
+/// `edit` (to force streaming or tiling).
+pub fn run_stored(f: &ModelFolder, variant: &str, case: &str, device: &Device, weights: WeightsChoice, edit: impl FnOnce(&mut Plan)) -> Output {
+    let mut req = request(variant, case);
+    req.weights = weights;
+    let guard = Guarding::new(PrecisionDecision::fixed(Precision::F32, ComputeDtype::F32));
+    let mut plan = plan(f, device, DType::F32, &req).unwrap();
+    edit(&mut plan);
+    generate(f, device, &guard, &req, &plan, &mut Quiet).unwrap()
+}
+
+/// Two runs that must agree to the bit: pixels, latents of every step, the float image.
+pub fn assert_identical(what: &str, a: &Output, b: &Output) {
+    let (ta, tb) = (a.tensors.as_ref().unwrap(), b.tensors.as_ref().unwrap());
+    assert!(ta.step_latents.0 == tb.step_latents.0, "{what}: step latents differ");
+    assert!(ta.image.0 == tb.image.0, "{what}: float images differ");
+    assert!(a.rgb == b.rgb, "{what}: pixels differ");
+    println!("{what}: bit-identical ({} latent values, {} pixels)", ta.step_latents.0.len(), a.rgb.len());
 }

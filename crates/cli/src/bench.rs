@@ -7,6 +7,7 @@ use cogview_runtime::import::ModelFolder;
 use cogview_runtime::models::dit::DitConfig;
 use cogview_runtime::models::t5::T5Config;
 use cogview_runtime::models::vae::VaeConfig;
+use cogview_runtime::plan::{WeightsChoice, human, parse_size};
 
 use crate::DeviceArgs;
 
@@ -41,6 +42,13 @@ pub struct BenchArgs {
     /// Run without classifier-free guidance (batch 1 instead of 2).
     #[arg(long)]
     no_cfg: bool,
+    /// How DiT and VAE matrices are stored: auto (bf16, as the real checkpoint), bf16 or f32.
+    #[arg(long, default_value = "auto")]
+    weights: WeightsChoice,
+    /// Device-memory budget the plan keeps to, e.g. 8GiB (default: what the adapter reports,
+    /// else 8 GiB).
+    #[arg(long, value_parser = parse_size)]
+    max_memory: Option<u64>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -84,6 +92,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         layers: args.layers,
         text_len: args.text_len,
         cfg: !args.no_cfg,
+        weights: args.weights,
+        max_memory: args.max_memory,
+        max_binding: target.adapter.max_storage_binding_size,
     };
     let report = bench(&t5, &dit, &vae, &settings, &target.device, target.precision.dtype.dtype());
     let json = serde_json::json!({
@@ -91,10 +102,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "compiler": target.capabilities.compiler,
         "precision": target.precision.dtype,
         "report": report,
-        "full_depth_estimate_bytes": {
-            "dit_weights": report.dit_block_weight_bytes * dit.num_layers as u64,
-            "t5_block": report.t5_block_weight_bytes,
-        },
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&json)?);
@@ -105,16 +112,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 fn table(r: &BenchReport, device: &str, precision: &str) -> String {
-    let mib = |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64));
+    let mib = |b: Option<u64>| b.map_or("-".to_string(), human);
+    let p = &r.plan;
     let mut s = format!(
-        "{device}, {precision}: {}x{}, {} steps, T5 {} layers, DiT {} layers\n",
-        r.width, r.height, r.steps, r.t5_layers, r.dit_layers
+        "{device}, {precision}: {}x{}, {} steps, T5 {} layers, DiT {} layers; weights {:?}; budget {} ({})\n",
+        r.width, r.height, r.steps, r.t5_layers, r.dit_layers, p.storage, human(p.budget.bytes), p.budget.source
     );
-    s += &format!("{:<22}{:>12}{:>14}\n", "stage", "seconds", "peak memory");
-    s += &format!("{:<22}{:>12.3}{:>14}\n", "T5 (streamed)", r.t5_seconds, mib(r.t5_peak.in_use));
-    s += &format!("{:<22}{:>12.3}{:>14}\n", "DiT first step", r.first_step_seconds, mib(r.dit_peak.in_use));
-    s += &format!("{:<22}{:>12.3}\n", "DiT median step", r.median_step_seconds);
-    s += &format!("{:<22}{:>12.4}\n", "guard per step", r.guard_seconds_per_step);
-    s += &format!("{:<22}{:>12.3}{:>14}\n", "VAE decode", r.vae_seconds, mib(r.vae_peak.in_use));
+    s += &format!("{:<18}{:>10}{:>14}{:>14}{:>16}{:>14}  {}\n", "stage", "seconds", "peak in use", "reserved", "full depth", "plan", "mode");
+    let rows = [
+        ("T5", r.t5_seconds, &r.t5_peak, r.t5_peak_full_depth, &p.text),
+        ("DiT first step", r.first_step_seconds, &r.dit_peak, r.dit_peak_full_depth, &p.denoise),
+        ("VAE decode", r.vae_seconds, &r.vae_peak, r.vae_peak_full_depth, &p.decode),
+    ];
+    for (name, secs, peak, full, plan) in rows {
+        s += &format!(
+            "{name:<18}{secs:>10.3}{:>14}{:>14}{:>16}{:>14}  {}\n",
+            mib(peak.in_use),
+            mib(peak.reserved),
+            mib(full),
+            human(plan.peak_bytes),
+            plan.mode
+        );
+    }
+    s += &format!("{:<18}{:>10.3}\n", "DiT median step", r.median_step_seconds);
+    s += &format!("{:<18}{:>10.4}\n", "guard per step", r.guard_seconds_per_step);
     s
 }

@@ -163,7 +163,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     request.max_binding_bytes = target.adapter.max_storage_binding_size;
     let mut bars = Bars { bar: None, terminal: std::io::stderr().is_terminal(), stage: "", total: 0 };
     let guard = Guarding { precision: target.precision.clone(), check: args.check_finite };
-    let out: Output = generate(&folder, &target.device, &guard, &request, &mut bars)?;
+    let plan = cogview_runtime::pipeline::plan(&folder, &target.device, target.precision.dtype.dtype(), &request)?;
+    let out: Output = generate(&folder, &target.device, &guard, &request, &plan, &mut bars)?;
     for w in &out.warnings {
         tracing::warn!("{w}");
     }

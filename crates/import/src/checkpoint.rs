@@ -120,6 +120,12 @@ impl Checkpoint {
         self.files[*self.keys.get(key)?].get(key)
     }
 
+    /// Whether every float tensor is stored as bf16 (the DiT and VAE of the real model).
+    pub fn is_bf16(&self) -> bool {
+        use safetensors::Dtype;
+        self.keys().filter_map(|k| self.meta(k)).all(|m| !matches!(m.dtype, Dtype::F32 | Dtype::F16 | Dtype::F64))
+    }
+
     /// The file that holds `key`.
     pub fn file_of(&self, key: &str) -> Option<&TensorFile> {
         self.keys.get(key).map(|&i| &self.files[i])

@@ -426,14 +426,40 @@ impl Dit {
         attn: &AttentionLimits,
         probe: &mut impl Probe,
     ) -> Tensor<4> {
+        let blocks = |i: usize| Ok::<_, std::convert::Infallible>(&self.blocks[i]);
+        match self.embeddings.forward_blocks(self.blocks.len(), blocks, latents, text, timesteps, sizes, attn, probe) {
+            Ok(v) => v,
+        }
+    }
+}
+
+impl DitEmbeddings {
+    /// One denoiser call with block `i` from `block(i)`: resident blocks, or blocks loaded
+    /// when needed and dropped after (the runtime's streamed mode).
+    ///
+    /// # Shapes
+    /// - as [`Dit::forward`]
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_blocks<B: std::borrow::Borrow<DitBlock>, E>(
+        &self,
+        num_layers: usize,
+        mut block: impl FnMut(usize) -> Result<B, E>,
+        latents: Tensor<4>,
+        text: Tensor<3>,
+        timesteps: &[f32],
+        sizes: &[SizeCondition],
+        attn: &AttentionLimits,
+        probe: &mut impl Probe,
+    ) -> Result<Tensor<4>, E> {
         let [_, _, h, w] = latents.dims();
         let device = latents.device();
-        let (mut x, mut c) = self.embeddings.embed(latents, text, probe);
-        let emb = self.embeddings.time_embedding(timesteps, sizes, &device, probe);
-        for (i, block) in self.blocks.iter().enumerate() {
-            (x, c) = block.forward(x, c, &emb, attn, &format!("transformer_blocks.{i}"), probe);
+        let (mut x, mut c) = self.embed(latents, text, probe);
+        let emb = self.time_embedding(timesteps, sizes, &device, probe);
+        for i in 0..num_layers {
+            let b = block(i)?;
+            (x, c) = b.borrow().forward(x, c, &emb, attn, &format!("transformer_blocks.{i}"), probe);
         }
-        self.embeddings.output(x, &emb, h, w, probe)
+        Ok(self.output(x, &emb, h, w, probe))
     }
 }
 

@@ -5,39 +5,59 @@
 use std::time::Instant;
 
 use burn::tensor::{DType, Device, Distribution, Tensor};
-use cogview_models::dit::{AttentionLimits, Dit, DitBlock, DitConfig, SizeCondition};
+use cogview_models::dit::{DitBlock, DitConfig, DitEmbeddings, SizeCondition};
 use cogview_models::t5::{T5Block, T5Config, T5Embedding};
 use cogview_models::vae::{Decoder, VaeConfig};
-use cogview_models::{NoProbe, WeightSource};
+use cogview_models::{Weight, WeightSource, WeightStorage};
 use serde::Serialize;
 
 use crate::guard::count_nonfinite;
-use crate::memory::PeakMemory;
+use crate::memory::{PeakMemory, PeakProbe};
+use crate::plan::{self, Budget, Plan, PlanInput, WeightsChoice};
+use crate::text::WeightsMode;
 
-/// Random weights: N(0, 1/fan_in) matrices, norm weights 1, other vectors N(0, 0.02²).
+/// Random weights: N(0, 1/fan_in) matrices, norm weights 1, other vectors N(0, 0.02²); matrices
+/// and kernels kept in `storage`.
 #[derive(Clone)]
 pub struct RandomWeights {
     device: Device,
     dtype: DType,
+    storage: WeightStorage,
     prefix: String,
 }
 
 impl RandomWeights {
     pub fn new(device: &Device, dtype: DType) -> Self {
-        Self { device: device.clone(), dtype, prefix: String::new() }
+        Self { device: device.clone(), dtype, storage: WeightStorage::Compute, prefix: String::new() }
+    }
+
+    pub fn with_storage(self, storage: WeightStorage) -> Self {
+        Self { storage, ..self }
+    }
+
+    fn random<const D: usize>(&self, key: &str, shape: [usize; D], device: &Device) -> Tensor<D> {
+        let norm = key == "weight" && (self.prefix.contains("norm") || self.prefix.ends_with("layer_norm"));
+        if D == 1 && norm {
+            Tensor::ones(shape, device)
+        } else {
+            let fan_in: usize = if D > 1 { shape[1..].iter().product() } else { 2500 };
+            Tensor::random(shape, Distribution::Normal(0.0, 1.0 / (fan_in as f64).sqrt()), device)
+        }
     }
 }
 
 impl WeightSource for RandomWeights {
     fn tensor<const D: usize>(&self, key: &str, shape: [usize; D]) -> Tensor<D> {
-        let norm = key == "weight" && (self.prefix.contains("norm") || self.prefix.ends_with("layer_norm"));
-        let t: Tensor<D> = if D == 1 && norm {
-            Tensor::ones(shape, &self.device)
-        } else {
-            let fan_in: usize = if D > 1 { shape[1..].iter().product() } else { 2500 };
-            Tensor::random(shape, Distribution::Normal(0.0, 1.0 / (fan_in as f64).sqrt()), &self.device)
-        };
-        t.cast(self.dtype)
+        self.random(key, shape, &self.device).cast(self.dtype)
+    }
+
+    fn weight<const D: usize>(&self, key: &str, shape: [usize; D]) -> Weight<D> {
+        if self.storage == WeightStorage::Compute {
+            return Weight::Dense(self.tensor(key, shape));
+        }
+        // Drawn on the CPU, stored as a checkpoint's bf16 would be.
+        let data = self.random(key, shape, &Device::flex()).into_data();
+        Weight::store(data, self.storage, self.dtype, &self.device)
     }
 
     fn pp(&self, prefix: impl std::fmt::Display) -> Self {
@@ -56,9 +76,12 @@ pub struct BenchSettings {
     pub text_len: usize,
     /// Classifier-free guidance doubles the DiT batch.
     pub cfg: bool,
+    pub weights: WeightsChoice,
+    pub max_memory: Option<u64>,
+    pub max_binding: Option<u64>,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     pub t5_layers: usize,
     pub dit_layers: usize,
@@ -71,13 +94,23 @@ pub struct BenchReport {
     /// Median time of the guard's reduction per step (included in the step time).
     pub guard_seconds_per_step: f64,
     pub vae_seconds: f64,
+    /// Measured from the allocator at every module output.
     pub t5_peak: PeakMemory,
     pub dit_peak: PeakMemory,
     pub vae_peak: PeakMemory,
-    /// Weight bytes of one DiT block and of the non-block parts, in the compute dtype (for
-    /// extrapolating `--layers` runs to the full depth).
+    /// Stored weight bytes of one DiT block and one T5 block (for extrapolating `--layers`
+    /// runs to the full depth).
     pub dit_block_weight_bytes: u64,
     pub t5_block_weight_bytes: u64,
+    /// The measured peaks (in use) at the configuration's full depth: a resident stage adds
+    /// the stored weights of the blocks `--layers` left out; a streamed one holds one block
+    /// whatever the depth.
+    pub t5_peak_full_depth: Option<u64>,
+    pub dit_peak_full_depth: Option<u64>,
+    pub vae_peak_full_depth: Option<u64>,
+    /// The plan of the full-depth configuration, which the run follows (its estimates are
+    /// what `generate --dry-run` prints).
+    pub plan: Plan,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -88,59 +121,104 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn block_bytes(shapes: Vec<(String, Vec<usize>)>, dtype: DType) -> u64 {
-    shapes.iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum::<u64>() * dtype.size() as u64
+fn stored_bytes(shapes: Vec<(String, Vec<usize>)>, storage: WeightStorage, dtype: DType) -> u64 {
+    let sb = storage.bytes_per_value(dtype) as u64;
+    shapes.iter().map(|(_, s)| s.iter().product::<usize>() as u64 * if s.len() >= 2 { sb } else { dtype.size() as u64 }).sum()
 }
 
-/// Runs the three stages on random weights.
+/// Runs the three stages on random weights, following the plan of the full-depth
+/// configuration (storage, streaming, attention groups, VAE tiles).
 pub fn bench(
-    t5: &T5Config,
-    dit: &DitConfig,
+    t5_full: &T5Config,
+    dit_full: &DitConfig,
     vae: &VaeConfig,
     settings: &BenchSettings,
     device: &Device,
     dtype: DType,
 ) -> BenchReport {
-    let mut t5 = t5.clone();
-    let mut dit = dit.clone();
+    let mut t5 = t5_full.clone();
+    let mut dit = dit_full.clone();
     if let Some(n) = settings.layers {
         t5.num_layers = n.min(t5.num_layers);
         dit.num_layers = n.min(dit.num_layers);
     }
-    let w = RandomWeights::new(device, dtype);
+    let caps = crate::device::capabilities(device);
+    let plan = plan::make(&PlanInput {
+        t5: t5_full,
+        dit: dit_full,
+        vae,
+        width: settings.width,
+        height: settings.height,
+        cfg: settings.cfg,
+        text_len: settings.text_len,
+        compute: dtype,
+        weights: settings.weights,
+        // Random weights stand for the real checkpoints, which are bf16.
+        checkpoint_bf16: true,
+        caps: &caps,
+        budget: Budget::new(settings.max_memory, plan::adapter_memory(device)),
+        max_binding: settings.max_binding,
+    });
+    let storage = plan.weight_storage;
+    let w = RandomWeights::new(device, dtype).with_storage(storage);
+    let dit_block = stored_bytes(cogview_import::KeyRecorder::keys_of(|r| { DitBlock::load(r, &dit); }), storage, dtype);
+    let t5_block = stored_bytes(cogview_import::KeyRecorder::keys_of(|r| { T5Block::load(r, &t5); }), WeightStorage::Compute, dtype);
     let mut report = BenchReport {
         t5_layers: t5.num_layers,
         dit_layers: dit.num_layers,
         width: settings.width,
         height: settings.height,
         steps: settings.steps,
-        dit_block_weight_bytes: block_bytes(cogview_import::KeyRecorder::keys_of(|r| { DitBlock::load(r, &dit); }), dtype),
-        t5_block_weight_bytes: block_bytes(cogview_import::KeyRecorder::keys_of(|r| { T5Block::load(r, &t5); }), dtype),
-        ..Default::default()
+        t5_seconds: 0.0,
+        first_step_seconds: 0.0,
+        median_step_seconds: 0.0,
+        guard_seconds_per_step: 0.0,
+        vae_seconds: 0.0,
+        t5_peak: PeakMemory::default(),
+        dit_peak: PeakMemory::default(),
+        vae_peak: PeakMemory::default(),
+        dit_block_weight_bytes: dit_block,
+        t5_block_weight_bytes: t5_block,
+        t5_peak_full_depth: None,
+        dit_peak_full_depth: None,
+        vae_peak_full_depth: None,
+        plan: plan.clone(),
     };
 
-    // T5, streamed block by block as the pipeline does for the real model.
+    // T5, resident or streamed block by block as the plan says.
     let start = Instant::now();
     let mut peak = PeakMemory::default();
     let embedding = T5Embedding::load(&RandomWeights::new(&Device::flex(), DType::F32), &t5);
     let ids = vec![(0..settings.text_len).map(|i| (i * 7919 % t5.vocab_size) as u32).collect::<Vec<_>>(); 1];
     let mut h = embedding.embed(&ids, device).cast(dtype);
     let bias = embedding.position_bias(settings.text_len, device);
+    let resident: Option<Vec<T5Block>> = (plan.text_mode == WeightsMode::Resident)
+        .then(|| (0..t5.num_layers).map(|i| T5Block::load(&w.pp(format!("encoder.block.{i}")), &t5)).collect());
     for i in 0..t5.num_layers {
-        let block = T5Block::load(&w.pp(format!("encoder.block.{i}")), &t5);
-        h = block.forward(h, &bias, "b", &mut NoProbe);
+        let mut probe = PeakProbe { device, peak: &mut peak };
+        h = match &resident {
+            Some(blocks) => blocks[i].forward(h, &bias, "b", &mut probe),
+            None => T5Block::load(&w.pp(format!("encoder.block.{i}")), &t5).forward(h, &bias, "b", &mut probe),
+        };
         peak.sample(device);
     }
     let text = embedding.final_norm(h);
     peak.sample(device);
     report.t5_seconds = start.elapsed().as_secs_f64();
     report.t5_peak = peak;
-    drop(bias);
+    let left_out = |full: usize, run: usize, block: u64| (full - run) as u64 * block;
+    report.t5_peak_full_depth = peak.in_use.map(|b| match plan.text_mode {
+        WeightsMode::Resident => b + left_out(t5_full.num_layers, t5.num_layers, t5_block),
+        WeightsMode::Streamed => b,
+    });
+    drop((bias, resident));
     free(device);
 
-    // DiT: resident, `steps` calls with the pipeline's batch.
+    // DiT: `steps` calls with the pipeline's batch, resident or streamed as the plan says.
     let mut peak = PeakMemory::default();
-    let model = Dit::load(&w, &dit);
+    let embeddings = DitEmbeddings::load(&w, &dit);
+    let blocks: Option<Vec<DitBlock>> = (plan.dit_mode == WeightsMode::Resident)
+        .then(|| (0..dit.num_layers).map(|i| DitBlock::load(&w.pp(format!("transformer_blocks.{i}")), &dit)).collect());
     peak.sample(device);
     let batch = if settings.cfg { 2 } else { 1 };
     let f = vae.scale_factor();
@@ -153,13 +231,20 @@ pub fn bench(
         target_size: [settings.height as f32, settings.width as f32],
     };
     let sizes = vec![size; batch];
-    let attn = AttentionLimits::default();
+    let attn = plan.attention();
     let mut steps = Vec::new();
     let mut guard = Vec::new();
     for i in 0..settings.steps {
         let t = 999.0 - (i as f32) * 1000.0 / settings.steps as f32;
         let s = Instant::now();
-        let v = model.forward(latents.clone(), text.clone(), &vec![t; batch], &sizes, &attn, &mut NoProbe);
+        let mut probe = PeakProbe { device, peak: &mut peak };
+        let block = |i: usize| -> Result<_, std::convert::Infallible> {
+            Ok(match &blocks {
+                Some(b) => std::borrow::Cow::Borrowed(&b[i]),
+                None => std::borrow::Cow::Owned(DitBlock::load(&w.pp(format!("transformer_blocks.{i}")), &dit)),
+            })
+        };
+        let Ok(v) = embeddings.forward_blocks(dit.num_layers, block, latents.clone(), text.clone(), &vec![t; batch], &sizes, &attn, &mut probe);
         let _ = device.sync();
         let g = Instant::now();
         let _ = count_nonfinite(&v);
@@ -174,24 +259,32 @@ pub fn bench(
     }
     report.guard_seconds_per_step = median(&mut guard);
     report.dit_peak = peak;
-    drop(model);
+    report.dit_peak_full_depth = peak.in_use.map(|b| match plan.dit_mode {
+        WeightsMode::Resident => b + left_out(dit_full.num_layers, dit.num_layers, dit_block),
+        WeightsMode::Streamed => b,
+    });
+    drop((embeddings, blocks));
     free(device);
 
-    // VAE decode.
+    // VAE decode, tiled as the plan says.
     let start = Instant::now();
     let mut peak = PeakMemory::default();
     let decoder = Decoder::load(&w, vae);
     let z = Tensor::<4>::random([1, vae.latent_channels, lh, lw], Distribution::Normal(0.0, 1.0), device).cast(dtype);
-    let image = decoder.forward(z, &mut NoProbe);
+    let mut probe = PeakProbe { device, peak: &mut peak };
+    let image = match plan.vae_tile {
+        Some(tile) => decoder.forward_tiled(z, tile, &mut probe),
+        None => decoder.forward(z, &mut probe),
+    };
     peak.sample(device);
     drop(image);
     report.vae_seconds = start.elapsed().as_secs_f64();
     report.vae_peak = peak;
+    report.vae_peak_full_depth = peak.in_use;
     drop(decoder);
     free(device);
     report
 }
-
 
 fn free(device: &Device) {
     let _ = device.sync();

@@ -8,6 +8,7 @@ pub mod guard;
 pub mod memory;
 pub mod output;
 pub mod pipeline;
+pub mod plan;
 pub mod precision;
 pub mod selftest;
 pub mod target;

@@ -24,3 +24,17 @@ impl PeakMemory {
         }
     }
 }
+
+/// A probe that samples device memory at every module output: a stage's peak seen between
+/// modules (what a module keeps alive while the next runs), not only between calls. Each sample
+/// waits for the device, so only the benchmark uses it.
+pub struct PeakProbe<'a> {
+    pub device: &'a Device,
+    pub peak: &'a mut PeakMemory,
+}
+
+impl cogview_models::Probe for PeakProbe<'_> {
+    fn check<const D: usize>(&mut self, _name: impl FnOnce() -> String, _output: &burn::tensor::Tensor<D>) {
+        self.peak.sample(self.device);
+    }
+}

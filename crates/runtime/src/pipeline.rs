@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use cogview_import::{Component, Loader, ModelFolder};
-use cogview_models::dit::{AttentionLimits, Dit, SizeCondition};
+use cogview_models::dit::{Dit, DitBlock, DitEmbeddings, SizeCondition};
 use cogview_models::scheduler::DdimScheduler;
 use cogview_models::vae::Decoder;
-use cogview_models::Probe;
+use cogview_models::{Probe, WeightSource, WeightStorage};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 use serde::Serialize;
@@ -24,6 +24,7 @@ use crate::error::RuntimeError;
 use crate::guard::{CheckFinite, FirstNonFinite, NonFinite, count_nonfinite};
 use crate::precision::{Precision, PrecisionDecision};
 use crate::memory::PeakMemory;
+use crate::plan::{self, Budget, Plan, PlanInput, WeightsChoice};
 use crate::text::{TextEncoder, WeightsMode};
 
 /// The model card's recommended sizes: 512–2048 per side, multiples of 32, at most 2^21 pixels.
@@ -53,8 +54,13 @@ pub struct Request {
     /// Keep the embeddings, every step's latents and the float image.
     pub keep_tensors: bool,
     /// The adapter's largest storage binding, in bytes: attention is split so that no score
-    /// matrix passes it (see `AttentionLimits`).
+    /// matrix passes it (see `AttentionLimits`), and the VAE tiles so that no tensor does.
     pub max_binding_bytes: Option<u64>,
+    /// `--max-memory`: the device-memory budget the plan keeps to (default: what the adapter
+    /// reports, else 8 GiB).
+    pub max_memory: Option<u64>,
+    /// `--weights`: how the DiT and VAE matrices are stored.
+    pub weights: WeightsChoice,
 }
 
 impl Request {
@@ -73,6 +79,8 @@ impl Request {
             latents: None,
             keep_tensors: false,
             max_binding_bytes: None,
+            max_memory: None,
+            weights: WeightsChoice::Auto,
         }
     }
 
@@ -144,6 +152,8 @@ pub struct Output {
     pub warnings: Vec<String>,
     /// Stages redone in f32 after going non-finite under `--precision auto`.
     pub fallbacks: Vec<String>,
+    /// The memory plan the run followed.
+    pub plan: Plan,
 }
 
 /// Progress events, for a progress bar.
@@ -230,32 +240,110 @@ fn localise(found: Option<(String, u64)>, rerun: impl FnOnce(&mut FirstNonFinite
     probe.found.map(|(m, _)| m)
 }
 
-/// Runs the whole pipeline on `device`, in the dtype of `guard.precision`.
+/// The memory plan of `request` on `device` in `compute`, from the configs and the
+/// checkpoints' headers only (no weight is read).
+pub fn plan(folder: &ModelFolder, device: &Device, compute: DType, request: &Request) -> Result<Plan, RuntimeError> {
+    let (dit_ck, _) = folder.open_weights(Component::Transformer)?;
+    let (vae_ck, _) = folder.open_weights(Component::Vae)?;
+    let caps = crate::device::capabilities(device);
+    Ok(plan::make(&PlanInput {
+        t5: &folder.text_encoder,
+        dit: &folder.transformer,
+        vae: &folder.vae,
+        width: request.width,
+        height: request.height,
+        cfg: request.cfg(),
+        text_len: request.max_sequence_length,
+        compute,
+        weights: request.weights,
+        checkpoint_bf16: dit_ck.is_bf16() && vae_ck.is_bf16(),
+        caps: &caps,
+        budget: Budget::new(request.max_memory, plan::adapter_memory(device)),
+        max_binding: request.max_binding_bytes,
+    }))
+}
+
+/// The transformer, resident or streamed as the plan says.
+enum Denoiser {
+    Resident(Dit),
+    /// The embeddings resident, each block read from the checkpoint when the call reaches it.
+    Streamed(DitEmbeddings, cogview_import::Checkpoint),
+}
+
+/// Runs the whole pipeline for one request: [`generate_batch`] of one.
 pub fn generate(
     folder: &ModelFolder,
     device: &Device,
     guard: &Guarding,
     request: &Request,
+    plan: &Plan,
     progress: &mut impl Progress,
 ) -> Result<Output, RuntimeError> {
+    let mut batch = generate_batch(folder, device, guard, std::slice::from_ref(request), plan, progress)?;
+    Ok(batch.outputs.pop().expect("one output per request"))
+}
+
+/// What a batch gave.
+#[derive(Debug)]
+pub struct Batch {
+    /// One per request, in order.
+    pub outputs: Vec<Output>,
+    /// Prompts the text encoder ran on: each distinct prompt (and negative prompt) once.
+    pub encoder_calls: usize,
+}
+
+/// One request's state between stages.
+struct Job {
+    scheduler: DdimScheduler,
+    latents: Tensor<4>,
+    cond: Tensor<3>,
+    uncond: Option<Tensor<3>>,
+    step_latents: Vec<Tensor<4>>,
+    step_seconds: Vec<f64>,
+    warnings: Vec<String>,
+}
+
+/// Runs the pipeline for every request, stage by stage: the text encoder once for the batch
+/// (each distinct prompt encoded once), then the transformer for every image, then the VAE,
+/// so each component is loaded once and device memory holds one at a time. Follows `plan`
+/// (from [`plan`], made for the largest image).
+pub fn generate_batch(
+    folder: &ModelFolder,
+    device: &Device,
+    guard: &Guarding,
+    requests: &[Request],
+    plan: &Plan,
+    progress: &mut impl Progress,
+) -> Result<Batch, RuntimeError> {
     let dtype = guard.precision.dtype.dtype();
-    let mut warnings = check_size(folder, request.width, request.height)?;
     let mut fallbacks = Vec::new();
+    tracing::info!(
+        "plan: text {} · transformer {} · VAE {} · weights {:?} ({}) · budget {} ({})",
+        plan.text.mode, plan.denoise.mode, plan.decode.mode, plan.storage, plan.storage_reason,
+        plan::human(plan.budget.bytes), plan.budget.source
+    );
+    // A stage redone in f32 after an f16 overflow keeps its weights in f32.
+    let storage_for = |d: DType| if d == dtype { plan.weight_storage } else { WeightStorage::Compute };
     let vae_factor = folder.vae.scale_factor();
-    let (h, w) = (request.height / vae_factor, request.width / vae_factor);
     let channels = folder.transformer.in_channels;
-    let scheduler = DdimScheduler::new(&folder.scheduler, request.steps).map_err(|e| RuntimeError::Input(e.to_string()))?;
-    if scheduler.timesteps.len() != request.steps {
-        warnings.push(format!(
-            "--steps {}: diffusers' trailing spacing yields {} timesteps for this count (the last is -1); \
-             running them all, as diffusers does",
-            request.steps,
-            scheduler.timesteps.len()
-        ));
-    }
-    let latents0 = match &request.latents {
-        Some(l) => {
-            if l.len() != channels * h * w {
+
+    // ---- checks and initial latents, before anything is loaded ----
+    let mut jobs = Vec::new();
+    for request in requests {
+        let mut warnings = check_size(folder, request.width, request.height)?;
+        warnings.extend(plan.warnings.iter().cloned());
+        let (h, w) = (request.height / vae_factor, request.width / vae_factor);
+        let scheduler = DdimScheduler::new(&folder.scheduler, request.steps).map_err(|e| RuntimeError::Input(e.to_string()))?;
+        if scheduler.timesteps.len() != request.steps {
+            warnings.push(format!(
+                "--steps {}: diffusers' trailing spacing yields {} timesteps for this count (the last is -1); \
+                 running them all, as diffusers does",
+                request.steps,
+                scheduler.timesteps.len()
+            ));
+        }
+        let latents0 = match &request.latents {
+            Some(l) if l.len() != channels * h * w => {
                 return Err(RuntimeError::Input(format!(
                     "--latents: {} values, expected [1, {channels}, {h}, {w}] for {}x{}",
                     l.len(),
@@ -263,185 +351,266 @@ pub fn generate(
                     request.height
                 )));
             }
-            l.clone()
-        }
-        None => seeded_noise(request.seed, channels * h * w),
-    };
-    let cfg = request.cfg();
+            Some(l) => l.clone(),
+            None => seeded_noise(request.seed, channels * h * w),
+        };
+        let latents = Tensor::<4>::from_data(TensorData::new(latents0, [1, channels, h, w]), device);
+        let placeholder = Tensor::<3>::zeros([1, 1, 1], device);
+        jobs.push(Job {
+            scheduler,
+            latents,
+            cond: placeholder,
+            uncond: None,
+            step_latents: Vec::new(),
+            step_seconds: Vec::new(),
+            warnings,
+        });
+    }
 
-    // ---- text ----
-    progress.stage("encode", 1);
+    // ---- text: each distinct (prompt, negative prompt, length) once ----
     let start = Instant::now();
     let mut text_peak = PeakMemory::default();
     let mut text_dtype = dtype;
-    let (text, negative) = loop {
-        let encoder = TextEncoder::open(folder, device, text_dtype, text_mode(folder, text_dtype))?;
-        let negative = request.negative_prompt.as_deref();
-        let l = request.max_sequence_length;
-        let embed = |probe: &mut FirstNonFinite, peak: &mut PeakMemory| {
-            prompt_embeddings(&encoder, &[&request.prompt], negative, cfg, 1, l, peak, probe)
-        };
-        let mut probe = guard.probe();
-        let (cond, uncond) = embed(&mut probe, &mut text_peak)?;
-        let count = count_nonfinite(&cond) + uncond.as_ref().map_or(0, count_nonfinite);
-        if count == 0 && probe.found.is_none() {
-            break (cond, uncond);
+    let mut keys: Vec<(&str, Option<&str>, usize)> = Vec::new();
+    for r in requests {
+        let key = (r.prompt.as_str(), r.negative_prompt.as_deref().filter(|_| r.cfg()), r.max_sequence_length);
+        if !keys.contains(&key) {
+            keys.push(key);
         }
-        let module = localise(probe.found, |p| {
-            let _ = embed(p, &mut PeakMemory::default());
-        });
-        let hit = NonFinite { stage: "text encoder", step: None, module, count, dtype: dtype_name(text_dtype) };
-        guard.on_hit(hit, text_dtype, &mut fallbacks)?;
-        text_dtype = DType::F32;
+    }
+    progress.stage("encode", keys.len());
+    let mut encoder_calls = 0;
+    let embeddings = loop {
+        let mode = if text_dtype == dtype { plan.text_mode } else { WeightsMode::Streamed };
+        let encoder = TextEncoder::open(folder, device, text_dtype, mode)?;
+        let mut done = Vec::new();
+        let mut hit = None;
+        for (i, &(prompt, negative, len)) in keys.iter().enumerate() {
+            // Guidance needs the unconditional half; without a negative prompt it is zeros.
+            let cfg = requests.iter().any(|r| r.prompt == prompt && r.cfg());
+            let embed = |probe: &mut FirstNonFinite, peak: &mut PeakMemory| {
+                prompt_embeddings(&encoder, &[prompt], negative, cfg, 1, len, peak, probe)
+            };
+            let mut probe = guard.probe();
+            let (cond, uncond) = embed(&mut probe, &mut text_peak)?;
+            encoder_calls += 1 + usize::from(negative.is_some() && cfg);
+            let count = count_nonfinite(&cond) + uncond.as_ref().map_or(0, count_nonfinite);
+            if count > 0 || probe.found.is_some() {
+                let module = localise(probe.found, |p| {
+                    let _ = embed(p, &mut PeakMemory::default());
+                });
+                hit = Some(NonFinite { stage: "text encoder", step: None, module, count, dtype: dtype_name(text_dtype) });
+                break;
+            }
+            done.push((cond, uncond));
+            progress.step(i + 1, start.elapsed());
+        }
+        match hit {
+            None => break done,
+            Some(hit) => {
+                guard.on_hit(hit, text_dtype, &mut fallbacks)?;
+                text_dtype = DType::F32;
+            }
+        }
     };
+    for (job, r) in jobs.iter_mut().zip(requests) {
+        let key = (r.prompt.as_str(), r.negative_prompt.as_deref().filter(|_| r.cfg()), r.max_sequence_length);
+        let i = keys.iter().position(|k| *k == key).expect("every request has its key");
+        (job.cond, job.uncond) = embeddings[i].clone();
+        if !r.cfg() {
+            job.uncond = None;
+        }
+        job.latents = job.latents.clone().cast(dtype);
+    }
+    drop(embeddings);
     free(device);
-    progress.step(1, start.elapsed());
     let text_stats = StageStats { seconds: start.elapsed().as_secs_f64(), peak: text_peak };
 
     // ---- denoise ----
-    progress.stage("denoise", scheduler.timesteps.len());
+    let total_steps: usize = jobs.iter().map(|j| j.scheduler.timesteps.len()).sum();
+    progress.stage("denoise", total_steps);
     let start = Instant::now();
     let mut peak = PeakMemory::default();
-    let load_dit = |dtype: DType| -> Result<Dit, RuntimeError> {
+    let load_dit = |dtype: DType| -> Result<Denoiser, RuntimeError> {
         let (ck, _) = folder.open_weights(Component::Transformer)?;
-        Ok(Loader::new(&ck, Component::Transformer, device, |_| dtype).load(|w| Dit::load(w, &folder.transformer))?.0)
+        let loader = |ck| Loader::new(ck, Component::Transformer, device, |_| dtype).with_storage(storage_for(dtype));
+        Ok(match plan.dit_mode {
+            WeightsMode::Resident => Denoiser::Resident(loader(&ck).load(|w| Dit::load(w, &folder.transformer))?.0),
+            WeightsMode::Streamed => {
+                let embeddings = loader(&ck).load(|w| DitEmbeddings::load(w, &folder.transformer))?.0;
+                Denoiser::Streamed(embeddings, ck)
+            }
+        })
     };
     let mut dit_dtype = dtype;
     let mut dit = load_dit(dit_dtype)?;
     peak.sample(device);
-    let text_in = match &negative {
-        Some(n) => Tensor::cat(vec![n.clone(), text.clone()], 0), // [uncond, cond]
-        None => text.clone(),
-    };
-    let batch = text_in.dims()[0];
-    let orig = request.original_size.unwrap_or([request.height, request.width]);
-    let size = SizeCondition {
-        original_size: orig.map(|v| v as f32),
-        crop_coords: request.crop_coords.map(|v| v as f32),
-        target_size: [request.height as f32, request.width as f32],
-    };
-    let sizes = vec![size; batch];
-    let default = AttentionLimits::default();
-    let attn = AttentionLimits {
-        max_scores_bytes: request.max_binding_bytes.map_or(default.max_scores_bytes, |b| b.min(default.max_scores_bytes)),
-    };
-    let mut latents = Tensor::<4>::from_data(TensorData::new(latents0, [1, channels, h, w]), device).cast(dtype);
-    let mut step_latents = Vec::new();
-    let mut step_seconds = Vec::new();
-    for (i, &t) in scheduler.timesteps.iter().enumerate() {
-        let step_start = Instant::now();
-        let v = loop {
-            let x = latents.clone().cast(dit_dtype);
-            let x_in = if cfg { Tensor::cat(vec![x.clone(), x], 0) } else { x };
-            let txt = text_in.clone().cast(dit_dtype);
-            let ts = vec![t as f32; batch];
-            let call = |probe: &mut FirstNonFinite| dit.forward(x_in.clone(), txt.clone(), &ts, &sizes, &attn, probe);
-            let mut probe = guard.probe();
-            let v = call(&mut probe);
-            let count = count_nonfinite(&v);
-            if count == 0 && probe.found.is_none() {
-                break v;
+    let attn = plan.attention();
+    let mut done_steps = 0;
+    for (job, request) in jobs.iter_mut().zip(requests) {
+        let cfg = request.cfg();
+        let text_in = match &job.uncond {
+            Some(n) => Tensor::cat(vec![n.clone(), job.cond.clone()], 0), // [uncond, cond]
+            None => job.cond.clone(),
+        };
+        let batch = text_in.dims()[0];
+        let orig = request.original_size.unwrap_or([request.height, request.width]);
+        let size = SizeCondition {
+            original_size: orig.map(|v| v as f32),
+            crop_coords: request.crop_coords.map(|v| v as f32),
+            target_size: [request.height as f32, request.width as f32],
+        };
+        let sizes = vec![size; batch];
+        let timesteps = job.scheduler.timesteps.clone();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let step_start = Instant::now();
+            let v = loop {
+                let x = job.latents.clone().cast(dit_dtype);
+                let x_in = if cfg { Tensor::cat(vec![x.clone(), x], 0) } else { x };
+                let txt = text_in.clone().cast(dit_dtype);
+                let ts = vec![t as f32; batch];
+                let call = |probe: &mut FirstNonFinite| -> Result<Tensor<4>, RuntimeError> {
+                    match &dit {
+                        Denoiser::Resident(model) => Ok(model.forward(x_in.clone(), txt.clone(), &ts, &sizes, &attn, probe)),
+                        Denoiser::Streamed(embeddings, ck) => {
+                            let block = |i: usize| -> Result<DitBlock, RuntimeError> {
+                                let loader = Loader::new(ck, Component::Transformer, device, |_| dit_dtype)
+                                    .with_storage(storage_for(dit_dtype));
+                                Ok(loader.load(|w| DitBlock::load(&w.pp(format!("transformer_blocks.{i}")), &folder.transformer))?.0)
+                            };
+                            let n = folder.transformer.num_layers;
+                            embeddings.forward_blocks(n, block, x_in.clone(), txt.clone(), &ts, &sizes, &attn, probe)
+                        }
+                    }
+                };
+                let mut probe = guard.probe();
+                let v = call(&mut probe)?;
+                let count = count_nonfinite(&v);
+                if count == 0 && probe.found.is_none() {
+                    break v;
+                }
+                let module = localise(probe.found, |p| {
+                    let _ = call(p);
+                });
+                let hit = NonFinite { stage: "transformer", step: Some((i, t)), module, count, dtype: dtype_name(dit_dtype) };
+                guard.on_hit(hit, dit_dtype, &mut fallbacks)?;
+                dit_dtype = DType::F32;
+                dit = load_dit(dit_dtype)?;
+            };
+            let v = v.cast(FloatDType::F32);
+            let v = if cfg {
+                let mut halves = v.chunk(2, 0).into_iter();
+                let (u, c) = (halves.next().expect("2 halves"), halves.next().expect("2 halves"));
+                u.clone() + (c - u).mul_scalar(request.guidance)
+            } else {
+                v
+            };
+            // The scheduler's arithmetic in f32, the latents kept in the compute dtype between steps.
+            let (prev, _) = job.scheduler.step(v, t, job.latents.clone().cast(FloatDType::F32));
+            job.latents = prev.cast(dit_dtype);
+            if request.keep_tensors {
+                job.step_latents.push(job.latents.clone().cast(FloatDType::F32));
             }
-            let module = localise(probe.found, |p| {
-                call(p);
-            });
-            let hit = NonFinite { stage: "transformer", step: Some((i, t)), module, count, dtype: dtype_name(dit_dtype) };
-            guard.on_hit(hit, dit_dtype, &mut fallbacks)?;
-            dit_dtype = DType::F32;
-            dit = load_dit(dit_dtype)?;
-        };
-        let v = v.cast(FloatDType::F32);
-        let v = if cfg {
-            let mut halves = v.chunk(2, 0).into_iter();
-            let (u, c) = (halves.next().expect("2 halves"), halves.next().expect("2 halves"));
-            u.clone() + (c - u).mul_scalar(request.guidance)
-        } else {
-            v
-        };
-        // The scheduler's arithmetic in f32, the latents kept in the compute dtype between steps.
-        let (prev, _) = scheduler.step(v, t, latents.cast(FloatDType::F32));
-        latents = prev.cast(dit_dtype);
-        if request.keep_tensors {
-            step_latents.push(latents.clone().cast(FloatDType::F32));
+            peak.sample(device);
+            job.step_seconds.push(step_start.elapsed().as_secs_f64());
+            done_steps += 1;
+            progress.step(done_steps, start.elapsed());
         }
-        peak.sample(device);
-        step_seconds.push(step_start.elapsed().as_secs_f64());
-        progress.step(i + 1, start.elapsed());
     }
     drop(dit);
     free(device);
     let denoise_stats = StageStats { seconds: start.elapsed().as_secs_f64(), peak };
 
     // ---- decode ----
-    progress.stage("decode", 1);
+    progress.stage("decode", jobs.len());
     let start = Instant::now();
     let mut peak = PeakMemory::default();
     let mut vae_dtype = dtype;
-    let decoded = loop {
+    let mut images = Vec::new();
+    'decoder: loop {
         let decoder = {
             let (ck, _) = folder.open_weights(Component::Vae)?;
-            Loader::new(&ck, Component::Vae, device, |_| vae_dtype).load(|w| Decoder::load(w, &folder.vae))?.0
+            let loader = Loader::new(&ck, Component::Vae, device, |_| vae_dtype).with_storage(storage_for(vae_dtype));
+            loader.load(|w| Decoder::load(w, &folder.vae))?.0
         };
-        let z = latents.clone().cast(vae_dtype).div_scalar(folder.vae.scaling_factor);
-        let mut probe = guard.probe();
-        let decoded = decoder.forward(z.clone(), &mut probe);
-        peak.sample(device);
-        let count = count_nonfinite(&decoded);
-        if count == 0 && probe.found.is_none() {
-            break decoded;
+        let decode = |z: Tensor<4>, probe: &mut FirstNonFinite| match plan.vae_tile {
+            Some(tile) => decoder.forward_tiled(z, tile, probe),
+            None => decoder.forward(z, probe),
+        };
+        while images.len() < jobs.len() {
+            let z = jobs[images.len()].latents.clone().cast(vae_dtype).div_scalar(folder.vae.scaling_factor);
+            let mut probe = guard.probe();
+            let decoded = decode(z.clone(), &mut probe);
+            peak.sample(device);
+            let count = count_nonfinite(&decoded);
+            if count > 0 || probe.found.is_some() {
+                let module = localise(probe.found, |p| {
+                    decode(z, p);
+                });
+                let hit = NonFinite { stage: "VAE decoder", step: None, module, count, dtype: dtype_name(vae_dtype) };
+                guard.on_hit(hit, vae_dtype, &mut fallbacks)?;
+                vae_dtype = DType::F32;
+                continue 'decoder;
+            }
+            // VaeImageProcessor.denormalize, in the compute dtype as diffusers does it.
+            let image = decoded.mul_scalar(0.5).add_scalar(0.5).clamp(0.0, 1.0).cast(FloatDType::F32);
+            images.push(host(&image));
+            progress.step(images.len(), start.elapsed());
         }
-        let module = localise(probe.found, |p| {
-            decoder.forward(z, p);
-        });
-        let hit = NonFinite { stage: "VAE decoder", step: None, module, count, dtype: dtype_name(vae_dtype) };
-        guard.on_hit(hit, vae_dtype, &mut fallbacks)?;
-        vae_dtype = DType::F32;
-    };
-    // VaeImageProcessor.denormalize, in the compute dtype as diffusers does it.
-    let image = decoded.mul_scalar(0.5).add_scalar(0.5).clamp(0.0, 1.0).cast(FloatDType::F32);
-    let (pixels, shape) = host(&image);
+        break;
+    }
     free(device);
-    progress.step(1, start.elapsed());
     let decode_stats = StageStats { seconds: start.elapsed().as_secs_f64(), peak };
     progress.finish();
 
-    let (height, width) = (shape[2], shape[3]);
-    let plane = height * width;
-    let mut rgb = vec![0u8; plane * 3];
-    for c in 0..3 {
-        for p in 0..plane {
-            rgb[p * 3 + c] = to_u8(pixels[c * plane + p]);
-        }
-    }
-    let std = pixel_std(&rgb);
-    if std < 1.0 {
-        warnings.push(format!(
-            "the image is nearly uniform (pixel standard deviation {std:.2} levels): check the prompt, steps and guidance"
-        ));
-    }
-    let tensors = request.keep_tensors.then(|| {
-        let steps = step_latents.len();
-        let stacked = Tensor::cat(step_latents, 0); // [steps, C, h, w]
-        let (lat, _) = host(&stacked);
-        Tensors {
-            prompt_embeds: host(&text.cast(FloatDType::F32)),
-            negative_prompt_embeds: negative.map(|n| host(&n.cast(FloatDType::F32))),
-            step_latents: (lat, vec![steps, 1, channels, h, w]),
-            image: (pixels, shape.clone()),
-        }
-    });
-    Ok(Output {
-        rgb,
-        width,
-        height,
-        text: text_stats,
-        denoise: denoise_stats,
-        decode: decode_stats,
-        step_seconds,
-        tensors,
-        warnings,
-        fallbacks,
-    })
+    let outputs = jobs
+        .into_iter()
+        .zip(images)
+        .zip(requests)
+        .map(|((job, (pixels, shape)), request)| {
+            let (height, width) = (shape[2], shape[3]);
+            let plane = height * width;
+            let mut rgb = vec![0u8; plane * 3];
+            for c in 0..3 {
+                for p in 0..plane {
+                    rgb[p * 3 + c] = to_u8(pixels[c * plane + p]);
+                }
+            }
+            let mut warnings = job.warnings;
+            let std = pixel_std(&rgb);
+            if std < 1.0 {
+                warnings.push(format!(
+                    "the image is nearly uniform (pixel standard deviation {std:.2} levels): check the prompt, steps and guidance"
+                ));
+            }
+            let tensors = request.keep_tensors.then(|| {
+                let steps = job.step_latents.len();
+                let [_, c, h, w] = job.latents.dims();
+                let stacked = Tensor::cat(job.step_latents, 0); // [steps, C, h, w]
+                let (lat, _) = host(&stacked);
+                Tensors {
+                    prompt_embeds: host(&job.cond.clone().cast(FloatDType::F32)),
+                    negative_prompt_embeds: job.uncond.as_ref().map(|n| host(&n.clone().cast(FloatDType::F32))),
+                    step_latents: (lat, vec![steps, 1, c, h, w]),
+                    image: (pixels, shape.clone()),
+                }
+            });
+            Output {
+                rgb,
+                width,
+                height,
+                text: text_stats.clone(),
+                denoise: denoise_stats.clone(),
+                decode: decode_stats.clone(),
+                step_seconds: job.step_seconds,
+                tensors,
+                warnings,
+                fallbacks: fallbacks.clone(),
+                plan: plan.clone(),
+            }
+        })
+        .collect();
+    Ok(Batch { outputs, encoder_calls })
 }
 
 /// The largest per-channel standard deviation of interleaved RGB 8-bit pixels, in levels: under
@@ -487,13 +656,6 @@ pub fn prompt_embeddings(
         }
     };
     Ok((cond, uncond))
-}
-
-/// Resident when the text encoder's weights are small (under 1 GiB in the compute dtype),
-/// streamed otherwise.
-fn text_mode(folder: &ModelFolder, dtype: DType) -> WeightsMode {
-    let params: usize = folder.expected_keys(Component::TextEncoder).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-    if params * dtype.size() < 1 << 30 { WeightsMode::Resident } else { WeightsMode::Streamed }
 }
 
 /// Returns freed memory to the driver between stages.
