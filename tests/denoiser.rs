@@ -56,7 +56,7 @@ fn real_width_block_with_head_groups() {
     let emb = Tensor::<2>::random([1, real.time_embed_dim], Distribution::Normal(0.0, 1.0), &dev);
     let grouped = AttentionLimits::default();
     assert_eq!(grouped.heads_per_call(1, 64, s + l), 14);
-    let whole = AttentionLimits { max_scores_bytes: u64::MAX };
+    let whole = AttentionLimits { max_scores_bytes: u64::MAX, ..Default::default() };
     let (xg, cg) = block.forward(x.clone(), c.clone(), &emb, &grouped, "b", &mut NoProbe);
     let (xw, cw) = block.forward(x, c, &emb, &whole, "b", &mut NoProbe);
     assert_close("real-width block image tokens, grouped vs whole", &values(xg), &values(xw), 1e-5);

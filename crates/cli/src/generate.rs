@@ -6,13 +6,18 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use cogview_runtime::import::ModelFolder;
-use cogview_runtime::output::{read_latents, save_png, save_tensors};
+use cogview_runtime::Target;
+use cogview_runtime::batch::{Item, PromptLine, expand, output_paths, read_prompts};
 use cogview_runtime::guard::CheckFinite;
-use cogview_runtime::pipeline::{Guarding, Output, Progress, Request, generate};
+use cogview_runtime::import::ModelFolder;
+use cogview_runtime::import::hub::Files;
+use cogview_runtime::output::{read_latents, save_png, save_tensors};
+use cogview_runtime::pipeline::{Guarding, Output, Progress, Request, generate_batch};
+use cogview_runtime::plan::{Plan, WeightsChoice, human, parse_size};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::DeviceArgs;
+use crate::model::ModelArgs;
 
 /// `H,W` or `TOP,LEFT`.
 fn pair(s: &str) -> Result<[usize; 2], String> {
@@ -23,19 +28,27 @@ fn pair(s: &str) -> Result<[usize; 2], String> {
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// A diffusers model folder, or a hub id in the Hugging Face cache.
-    #[arg(long, default_value = "THUDM/CogView3-Plus-3B", env = "COGVIEW_MODEL")]
-    model: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// What to draw.
-    #[arg(long, short)]
-    prompt: String,
+    #[arg(long, short, required_unless_present = "prompts", conflicts_with = "prompts")]
+    prompt: Option<String>,
+    /// A file of prompts: one per line, or JSON Lines ({"prompt": …} with optional
+    /// "negative_prompt", "seed", "steps", "guidance", "width", "height" overriding the flags).
+    /// Empty lines and lines starting with # are skipped.
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<PathBuf>,
+    /// Images per prompt, with seeds SEED, SEED+1, … (SEED: the line's own, else --seed).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    count: u32,
     /// What to steer away from. Without it the unconditional embedding is zeros (as diffusers).
     #[arg(long)]
     negative_prompt: Option<String>,
     /// Denoising steps (the model card uses 50).
     #[arg(long, default_value_t = 50)]
     steps: usize,
-    /// Classifier-free guidance scale; 1 or less turns guidance off (half the compute).
+    /// Classifier-free guidance scale (the model card uses 7.0); 1 or less turns guidance off
+    /// (half the compute).
     #[arg(long, default_value_t = 5.0)]
     guidance: f32,
     /// Image width in pixels: a multiple of 16 up to 2048; the model card recommends 512–2048,
@@ -63,16 +76,33 @@ pub struct GenerateArgs {
     #[arg(long)]
     latents: Option<PathBuf>,
     /// Also write DIR/tensors.safetensors (f32 prompt_embeds, negative_prompt_embeds,
-    /// step_latents, image).
+    /// step_latents, image); one image only.
     #[arg(long, value_name = "DIR")]
     save_tensors: Option<PathBuf>,
-    /// Where to write the PNG.
-    #[arg(long, short, default_value = "cogview.png")]
-    output: PathBuf,
+    /// Where to write the PNG: a name, or a template with {index} (position in the batch, from
+    /// 0), {seed}, {line} (prompt line), {n} (image of that prompt) and {prompt} (its first
+    /// words). Default: cogview.png for one image, cogview-{index}-{seed}.png for several.
+    #[arg(long, short)]
+    output: Option<String>,
+    /// Replace existing files (otherwise an existing output stops the run before any work).
+    #[arg(long)]
+    overwrite: bool,
+    /// Print the plan (adapter, precision and why, weight storage, memory per stage against the
+    /// budget, size checks, output names) without loading any weights.
+    #[arg(long)]
+    dry_run: bool,
     /// Non-finite checks: `stages` (one count after each stage call; the failing call is re-run
     /// to name the first bad module) or `all` (every module of every call).
     #[arg(long, default_value = "stages")]
     check_finite: CheckFinite,
+    /// How the transformer and VAE weights are stored: `auto` (bf16 when the checkpoint is
+    /// bf16: half the memory of f32, widened layer by layer), `bf16` or `f32`.
+    #[arg(long, default_value = "auto")]
+    weights: WeightsChoice,
+    /// Device-memory budget, e.g. 8GiB or 6G: decides resident or streamed weights per stage
+    /// and the VAE tiles. Default: what the adapter reports, else 8 GiB.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    max_memory: Option<u64>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -124,58 +154,116 @@ impl Progress for Bars {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let folder = ModelFolder::open(&args.model)?;
+    if args.max_sequence_length == 0 {
+        bail!("--max-sequence-length must be at least 1");
+    }
     let seed = args.seed.unwrap_or_else(|| {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         t.as_nanos() as u64 % 1_000_000_007
     });
-    let mut request = Request::new(&args.prompt);
-    request.negative_prompt = args.negative_prompt.clone();
-    request.steps = args.steps;
-    request.guidance = args.guidance;
-    request.width = args.width;
-    request.height = args.height;
-    request.seed = seed;
-    request.max_sequence_length = args.max_sequence_length;
-    request.original_size = args.original_size;
-    request.crop_coords = args.crop_coords;
-    request.keep_tensors = args.save_tensors.is_some();
-    if args.max_sequence_length == 0 {
-        bail!("--max-sequence-length must be at least 1");
+    let lines = match (&args.prompt, &args.prompts) {
+        (Some(p), _) => vec![PromptLine { prompt: p.clone(), line: 1, ..Default::default() }],
+        (None, Some(file)) => read_prompts(file)?,
+        (None, None) => bail!("give --prompt or --prompts"),
+    };
+    let mut defaults = Request::new("");
+    defaults.negative_prompt = args.negative_prompt.clone();
+    defaults.steps = args.steps;
+    defaults.guidance = args.guidance;
+    defaults.width = args.width;
+    defaults.height = args.height;
+    defaults.seed = seed;
+    defaults.max_sequence_length = args.max_sequence_length;
+    defaults.original_size = args.original_size;
+    defaults.crop_coords = args.crop_coords;
+    defaults.keep_tensors = args.save_tensors.is_some();
+    defaults.weights = args.weights;
+    defaults.max_memory = args.max_memory;
+    let items = expand(&lines, args.count as usize, &defaults);
+    if items.len() > 1 && (args.save_tensors.is_some() || args.latents.is_some()) {
+        bail!("--save-tensors and --latents are for one image; this run makes {}", items.len());
     }
+    let template = args.output.clone().unwrap_or_else(|| {
+        if items.len() == 1 { "cogview.png".into() } else { "cogview-{index}-{seed}.png".into() }
+    });
+    let paths = output_paths(&template, &items, args.overwrite)?;
+
+    let folder = args.model.open(if args.dry_run { Files::Configs } else { Files::All })?;
     // Size problems are found before anything is loaded (the warnings come with the output).
-    cogview_runtime::pipeline::check_size(&folder, args.width, args.height)?;
+    for item in &items {
+        cogview_runtime::pipeline::check_size(&folder, item.request.width, item.request.height)
+            .with_context(|| format!("prompt line {}", item.line))?;
+    }
+    let mut requests: Vec<Request> = items.iter().map(|i| i.request.clone()).collect();
     if let Some(path) = &args.latents {
         let f = folder.vae.scale_factor();
         let shape = [1, folder.transformer.in_channels, args.height / f, args.width / f];
-        request.latents = Some(read_latents(path, shape).map_err(anyhow::Error::msg)?);
+        requests[0].latents = Some(read_latents(path, shape).map_err(anyhow::Error::msg)?);
     }
     let target = cogview_runtime::target(args.device.device, args.device.backend, args.device.precision)?;
     for w in &target.warnings {
         tracing::warn!("{w}");
     }
+    for r in &mut requests {
+        r.max_binding_bytes = target.adapter.max_storage_binding_size;
+    }
+    // The plan is made for the largest image of the batch.
+    let largest = requests.iter().max_by_key(|r| r.width * r.height).expect("at least one request");
+    let plan = cogview_runtime::pipeline::plan(&folder, &target.device, target.precision.dtype.dtype(), largest)?;
+    if args.dry_run {
+        print!("{}", describe_plan(&args, &folder, &target, &plan, &items, &paths));
+        return Ok(());
+    }
     tracing::info!(
-        "{} in {} ({}); seed {seed}",
+        "{} in {} ({}); {} image(s), seed {seed}",
         target.adapter.label(),
         target.precision.dtype,
-        target.precision.reason
+        target.precision.reason,
+        requests.len()
     );
-    request.max_binding_bytes = target.adapter.max_storage_binding_size;
     let mut bars = Bars { bar: None, terminal: std::io::stderr().is_terminal(), stage: "", total: 0 };
     let guard = Guarding { precision: target.precision.clone(), check: args.check_finite };
-    let plan = cogview_runtime::pipeline::plan(&folder, &target.device, target.precision.dtype.dtype(), &request)?;
-    let out: Output = generate(&folder, &target.device, &guard, &request, &plan, &mut bars)?;
-    for w in &out.warnings {
-        tracing::warn!("{w}");
+    let batch = generate_batch(&folder, &target.device, &guard, &requests, &plan, &mut bars)?;
+    let mut shown = Vec::new();
+    for ((out, request), path) in batch.outputs.iter().zip(&requests).zip(&paths) {
+        for w in &out.warnings {
+            if !shown.contains(w) {
+                tracing::warn!("{w}");
+                shown.push(w.clone());
+            }
+        }
+        save(&args, &target, out, request, path)?;
+        eprintln!("wrote {} ({}x{}, seed {})", path.display(), out.width, out.height, request.seed);
     }
+    let out: &Output = &batch.outputs[0];
+    let steps: Vec<f64> = batch.outputs.iter().flat_map(|o| o.step_seconds.iter().copied()).collect();
+    let mib = |b: Option<u64>| b.map_or("-".to_string(), human);
+    eprintln!(
+        "{} image(s), {} prompt(s) encoded; encode {:.1} s, denoise {:.1} s ({:.2} s/step), decode {:.1} s; \
+         peak device memory: encode {}, denoise {}, decode {}",
+        batch.outputs.len(),
+        batch.encoder_calls,
+        out.text.seconds,
+        out.denoise.seconds,
+        steps.iter().sum::<f64>() / steps.len().max(1) as f64,
+        out.decode.seconds,
+        mib(out.text.peak.in_use),
+        mib(out.denoise.peak.in_use),
+        mib(out.decode.peak.in_use)
+    );
+    Ok(())
+}
+
+/// Writes one image (and `--save-tensors`), with the run's settings in PNG text chunks.
+fn save(args: &GenerateArgs, target: &Target, out: &Output, request: &Request, path: &std::path::Path) -> Result<()> {
     let mut text = vec![
         ("prompt".to_string(), request.prompt.clone()),
         ("negative_prompt".into(), request.negative_prompt.clone().unwrap_or_default()),
-        ("seed".into(), seed.to_string()),
+        ("seed".into(), request.seed.to_string()),
         ("steps".into(), request.steps.to_string()),
         ("guidance".into(), request.guidance.to_string()),
         ("size".into(), format!("{}x{}", out.width, out.height)),
-        ("model".into(), args.model.clone()),
+        ("model".into(), args.model.model.clone()),
         ("precision".into(), target.precision.dtype.to_string()),
         ("precision_reason".into(), target.precision.reason.clone()),
         ("adapter".into(), format!("{} ({})", target.adapter.label(), target.capabilities.compiler)),
@@ -189,20 +277,58 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let path = save_tensors(dir, t)?;
         tracing::info!("tensors written to {}", path.display());
     }
-    save_png(&args.output, &out.rgb, out.width, out.height, &text)?;
-    let mib = |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64));
-    eprintln!(
-        "wrote {} ({}x{}, seed {seed}); encode {:.1} s, denoise {:.1} s ({:.2} s/step), decode {:.1} s; peak device memory: encode {}, denoise {}, decode {}",
-        args.output.display(),
-        out.width,
-        out.height,
-        out.text.seconds,
-        out.denoise.seconds,
-        out.step_seconds.iter().sum::<f64>() / out.step_seconds.len().max(1) as f64,
-        out.decode.seconds,
-        mib(out.text.peak.in_use),
-        mib(out.denoise.peak.in_use),
-        mib(out.decode.peak.in_use)
-    );
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    save_png(path, &out.rgb, out.width, out.height, &text)?;
     Ok(())
+}
+
+/// `--dry-run`: what the run would do here, and why.
+fn describe_plan(args: &GenerateArgs, folder: &ModelFolder, target: &Target, plan: &Plan, items: &[Item], paths: &[PathBuf]) -> String {
+    let mut s = String::new();
+    s += &format!("model       {} ({})\n", args.model.model, folder.root.display());
+    s += &format!("adapter     {} ({} compiler)\n", target.adapter.label(), target.capabilities.compiler);
+    s += &format!("precision   {}: {}\n", target.precision.dtype, target.precision.reason);
+    for w in &target.precision.warnings {
+        s += &format!("            warning: {w}\n");
+    }
+    s += &format!("weights     {:?}: {}\n", plan.storage, plan.storage_reason);
+    s += &format!("budget      {} ({})\n", human(plan.budget.bytes), plan.budget.source);
+    s += &format!("attention   at most {} of scores per call\n", human(plan.attention_scores_bytes));
+    s += &format!("\n{:<10}{:<22}{:>12}{:>14}{:>12}\n", "stage", "mode", "weights", "activations", "peak");
+    for (name, st) in [("encode", &plan.text), ("denoise", &plan.denoise), ("decode", &plan.decode)] {
+        let over = if st.peak_bytes > plan.budget.bytes { "  over budget" } else { "" };
+        s += &format!(
+            "{name:<10}{:<22}{:>12}{:>14}{:>12}{over}\n",
+            st.mode,
+            human(st.weight_bytes),
+            human(st.activation_bytes),
+            human(st.peak_bytes)
+        );
+    }
+    s += "\n";
+    for w in &plan.warnings {
+        s += &format!("warning     {w}\n");
+    }
+    for (item, path) in items.iter().zip(paths) {
+        let r = &item.request;
+        let size = match cogview_runtime::pipeline::check_size(folder, r.width, r.height) {
+            Ok(w) if w.is_empty() => "size ok".to_string(),
+            Ok(w) => w.join("; "),
+            Err(e) => e.to_string(),
+        };
+        s += &format!(
+            "image {:<4} {} ← line {}, seed {}, {} steps, guidance {}, {}x{} ({size})\n",
+            item.index,
+            path.display(),
+            item.line,
+            r.seed,
+            r.steps,
+            r.guidance,
+            r.width,
+            r.height
+        );
+    }
+    s
 }

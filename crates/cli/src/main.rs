@@ -6,6 +6,7 @@ mod bench;
 mod devices;
 mod generate;
 mod inspect;
+mod model;
 mod tokenize;
 
 use std::process::ExitCode;

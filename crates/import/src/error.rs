@@ -9,7 +9,7 @@ use crate::report::LoadReport;
 pub enum ImportError {
     #[error("model folder {0} does not exist")]
     NoFolder(PathBuf),
-    #[error("{hub_id} is not in the Hugging Face cache (looked for {looked}); download it first, or pass a model folder")]
+    #[error("{hub_id} is not in the Hugging Face cache (looked for {looked}); run without --offline to download it, or pass a model folder")]
     NotCached { hub_id: String, looked: PathBuf },
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
@@ -21,6 +21,8 @@ pub enum ImportError {
     },
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
+    #[error("downloading {repo}{}: {message}", if file.is_empty() { String::new() } else { format!(" ({file})") })]
+    Download { repo: String, file: String, message: String },
     #[error("{component}: {report}")]
     Load { component: String, report: Box<LoadReport> },
 }

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod hub;
 pub mod inspect;
 pub mod location;
 pub mod model;

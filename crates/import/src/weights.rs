@@ -152,6 +152,7 @@ pub struct Loader<'a> {
     device: Device,
     dtype_for: Rc<dyn Fn(&str) -> DType + 'a>,
     storage: WeightStorage,
+    max_buffer: Option<u64>,
     prefix: String,
     state: Rc<RefCell<(LoadReport, Option<ImportError>)>>,
 }
@@ -164,6 +165,7 @@ impl<'a> Loader<'a> {
             device: device.clone(),
             dtype_for: Rc::new(dtype_for),
             storage: WeightStorage::Compute,
+            max_buffer: cogview_models::storage::max_buffer_bytes(device),
             prefix: String::new(),
             state: Default::default(),
         }
@@ -227,11 +229,13 @@ impl WeightSource for Loader<'_> {
 
     fn weight<const D: usize>(&self, key: &str, shape: [usize; D]) -> Weight<D> {
         let compute = (self.dtype_for)(&join(&self.prefix, key));
-        if self.storage == WeightStorage::Compute || compute == DType::BF16 {
-            return Weight::Dense(self.tensor(key, shape));
-        }
-        match self.read(key, &shape, DType::BF16) {
-            Some(data) => Weight::store(data, self.storage, compute, &self.device),
+        let (storage, read_as) = if self.storage == WeightStorage::Compute || compute == DType::BF16 {
+            (WeightStorage::Compute, compute)
+        } else {
+            (self.storage, DType::BF16)
+        };
+        match self.read(key, &shape, read_as) {
+            Some(data) => Weight::store_limited(data, storage, compute, &self.device, self.max_buffer),
             None => Weight::Dense(placeholder()),
         }
     }

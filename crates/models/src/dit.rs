@@ -201,9 +201,19 @@ impl DitBlock {
 
         let nx = modulate(x.clone(), &m[3], &m[4]);
         let nc = modulate(c.clone(), &m[9], &m[10]);
-        let h = self.ff_proj.forward(Tensor::cat(vec![nc, nx], 1));
-        probe.check(|| format!("{name}.ff.net.0.proj"), &h);
-        let f = self.ff_out.forward(gelu_tanh(h));
+        let joint = Tensor::cat(vec![nc, nx], 1);
+        // Tokens in chunks whose inner tensor `[N, chunk, 4D]` fits the largest buffer.
+        let per_token = (n * self.ff_proj.d_out() * joint.dtype().size()) as u64;
+        let chunk = ((attn.max_buffer_bytes / per_token.max(1)) as usize).clamp(1, t);
+        let parts: Vec<Tensor<3>> = (0..t)
+            .step_by(chunk)
+            .map(|start| {
+                let h = self.ff_proj.forward(joint.clone().narrow(1, start, chunk.min(t - start)));
+                probe.check(|| format!("{name}.ff.net.0.proj"), &h);
+                self.ff_out.forward(gelu_tanh(h))
+            })
+            .collect();
+        let f = if parts.len() == 1 { parts.into_iter().next().expect("one part") } else { Tensor::cat(parts, 1) };
         probe.check(|| format!("{name}.ff.net.2"), &f);
         let x = x + m[5].clone() * f.clone().narrow(1, l, s);
         let c = c + m[11].clone() * f.narrow(1, 0, l);
@@ -228,11 +238,13 @@ fn clip_f16(x: Tensor<3>) -> Tensor<3> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionLimits {
     pub max_scores_bytes: u64,
+    /// The device's largest buffer: the feed-forward runs on token chunks below it.
+    pub max_buffer_bytes: u64,
 }
 
 impl Default for AttentionLimits {
     fn default() -> Self {
-        Self { max_scores_bytes: 1 << 30 }
+        Self { max_scores_bytes: 1 << 30, max_buffer_bytes: u64::MAX }
     }
 }
 
@@ -250,6 +262,13 @@ impl AttentionLimits {
     /// - q, k, v: `[N, H, T, hd]` → `[N, H, T, hd]`
     pub fn attention(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
         let [n, h, t, _] = q.dims();
+        if n > 1 && (n * t * t * 4) as u64 > self.max_scores_bytes {
+            // One head of the whole batch is already too much: one image at a time.
+            let parts = (0..n)
+                .map(|i| self.attention(q.clone().narrow(0, i, 1), k.clone().narrow(0, i, 1), v.clone().narrow(0, i, 1)))
+                .collect();
+            return Tensor::cat(parts, 0);
+        }
         let group = self.heads_per_call(n, h, t);
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
         if group >= h {
@@ -489,12 +508,12 @@ mod tests {
 
     #[test]
     fn head_groups_fit_the_budget() {
-        let real = AttentionLimits { max_scores_bytes: 1 << 30 };
+        let real = AttentionLimits { max_scores_bytes: 1 << 30, ..Default::default() };
         // 1024²: 4096 image + 224 text tokens, 64 heads, one image
         let g = real.heads_per_call(1, 64, 4320);
         assert_eq!(g, 14);
         assert!((g * 4320 * 4320 * 4) as u64 <= 1 << 30);
         assert_eq!(real.heads_per_call(2, 4, 80), 4);
-        assert_eq!(AttentionLimits { max_scores_bytes: 1 }.heads_per_call(1, 8, 100), 1);
+        assert_eq!(AttentionLimits { max_scores_bytes: 1, ..Default::default() }.heads_per_call(1, 8, 100), 1);
     }
 }

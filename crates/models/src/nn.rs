@@ -27,9 +27,30 @@ impl Linear {
         }
     }
 
+    /// Output features.
+    pub fn d_out(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
     /// # Shapes
     /// - x: `[..., d_in]` → `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if let Weight::Rows(blocks) = &self.weight {
+            // Output features block by block, so no weight passes the device's largest buffer.
+            let x = x.cast(self.weight.dtype());
+            let mut start = 0;
+            let parts = blocks
+                .iter()
+                .map(|b| {
+                    let w = b.get();
+                    let n = w.dims()[0];
+                    let bias = self.bias.clone().map(|bias| bias.narrow(0, start, n));
+                    start += n;
+                    burn::tensor::module::linear(x.clone(), w.transpose(), bias)
+                })
+                .collect();
+            return Tensor::cat(parts, D - 1);
+        }
         let weight = self.weight.get();
         let x = x.cast(weight.dtype());
         burn::tensor::module::linear(x, weight.transpose(), self.bias.clone())

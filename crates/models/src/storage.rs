@@ -30,12 +30,25 @@ impl WeightStorage {
     }
 }
 
+/// The largest buffer `device` allocates (cubecl's page size: the adapter's storage-binding
+/// limit, 128 MiB on lavapipe, about 2 GiB on most Vulkan and DX12 drivers); `None` for the
+/// CPU backend.
+pub fn max_buffer_bytes(device: &Device) -> Option<u64> {
+    match device.as_dispatch() {
+        burn::backend::DispatchDevice::Cube(d) => Some(d.client().properties().memory.max_page_size),
+        _ => None,
+    }
+}
+
 /// A matrix or conv kernel, stored as its [`WeightStorage`] says.
 #[derive(Clone, Debug)]
 pub enum Weight<const D: usize> {
     Dense(Tensor<D>),
     Bf16 { stored: Tensor<D>, compute: DType },
     Packed { words: Tensor<1, Int>, shape: [usize; D], compute: DType },
+    /// Blocks of rows (along dim 0), for a weight whose compute-dtype copy would pass the
+    /// device's largest buffer (T5-XXL's 168 MB feed-forward matrices on a 128 MiB adapter).
+    Rows(Vec<Weight<D>>),
 }
 
 impl<const D: usize> Weight<D> {
@@ -58,9 +71,37 @@ impl<const D: usize> Weight<D> {
         }
     }
 
+    /// [`store`](Self::store), split into blocks of rows when the compute-dtype copy would
+    /// pass `max_bytes`.
+    pub fn store_limited(data: TensorData, storage: WeightStorage, compute: DType, device: &Device, max_bytes: Option<u64>) -> Self {
+        let shape = data.shape().to_vec();
+        let row: usize = shape[1..].iter().product();
+        let bytes = (shape[0] * row * compute.size()) as u64;
+        match max_bytes {
+            Some(max) if bytes > max && shape[0] > 1 => {
+                let rows = ((max / (row * compute.size()) as u64) as usize).max(1);
+                let elem = data.dtype().size();
+                let raw = data.as_bytes();
+                let blocks = (0..shape[0])
+                    .step_by(rows)
+                    .map(|start| {
+                        let n = rows.min(shape[0] - start);
+                        let mut block_shape = shape.clone();
+                        block_shape[0] = n;
+                        let bytes = raw[start * row * elem..(start + n) * row * elem].to_vec();
+                        Self::store(TensorData::from_bytes_vec(bytes, block_shape, data.dtype()), storage, compute, device)
+                    })
+                    .collect();
+                Weight::Rows(blocks)
+            }
+            _ => Self::store(data, storage, compute, device),
+        }
+    }
+
     /// The weight in the compute dtype.
     pub fn get(&self) -> Tensor<D> {
         match self {
+            Weight::Rows(blocks) => Tensor::cat(blocks.iter().map(Weight::get).collect(), 0),
             Weight::Dense(t) => t.clone(),
             Weight::Bf16 { stored, compute } => stored.clone().cast(*compute),
             Weight::Packed { words, shape, compute } => {
@@ -70,11 +111,26 @@ impl<const D: usize> Weight<D> {
         }
     }
 
+    /// The shape [`get`](Self::get) gives.
+    pub fn dims(&self) -> [usize; D] {
+        match self {
+            Weight::Dense(t) => t.dims(),
+            Weight::Bf16 { stored, .. } => stored.dims(),
+            Weight::Packed { shape, .. } => *shape,
+            Weight::Rows(blocks) => {
+                let mut dims = blocks[0].dims();
+                dims[0] = blocks.iter().map(|b| b.dims()[0]).sum();
+                dims
+            }
+        }
+    }
+
     /// The dtype [`get`](Self::get) gives.
     pub fn dtype(&self) -> DType {
         match self {
             Weight::Dense(t) => t.dtype(),
             Weight::Bf16 { compute, .. } | Weight::Packed { compute, .. } => *compute,
+            Weight::Rows(blocks) => blocks[0].dtype(),
         }
     }
 }

@@ -52,12 +52,14 @@ impl WeightSource for RandomWeights {
     }
 
     fn weight<const D: usize>(&self, key: &str, shape: [usize; D]) -> Weight<D> {
-        if self.storage == WeightStorage::Compute {
+        let max = cogview_models::storage::max_buffer_bytes(&self.device);
+        let bytes = (shape.iter().product::<usize>() * self.dtype.size()) as u64;
+        if self.storage == WeightStorage::Compute && max.is_none_or(|m| bytes <= m) {
             return Weight::Dense(self.tensor(key, shape));
         }
-        // Drawn on the CPU, stored as a checkpoint's bf16 would be.
+        // Drawn on the CPU, stored as a checkpoint's would be.
         let data = self.random(key, shape, &Device::flex()).into_data();
-        Weight::store(data, self.storage, self.dtype, &self.device)
+        Weight::store_limited(data, self.storage, self.dtype, &self.device, max)
     }
 
     fn pp(&self, prefix: impl std::fmt::Display) -> Self {
@@ -157,7 +159,7 @@ pub fn bench(
         checkpoint_bf16: true,
         caps: &caps,
         budget: Budget::new(settings.max_memory, plan::adapter_memory(device)),
-        max_binding: settings.max_binding,
+        max_binding: settings.max_binding.or_else(|| cogview_models::storage::max_buffer_bytes(device)),
     });
     let storage = plan.weight_storage;
     let w = RandomWeights::new(device, dtype).with_storage(storage);

@@ -1,6 +1,7 @@
 //! cogview's runtime: adapters and the precision policy (more to come: memory, the pipeline,
 //! the non-finite guard).
 
+pub mod batch;
 pub mod bench;
 pub mod device;
 pub mod error;

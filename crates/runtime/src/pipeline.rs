@@ -241,10 +241,11 @@ fn localise(found: Option<(String, u64)>, rerun: impl FnOnce(&mut FirstNonFinite
 }
 
 /// The memory plan of `request` on `device` in `compute`, from the configs and the
-/// checkpoints' headers only (no weight is read).
+/// checkpoints' headers (no weight is read). Without checkpoints (a folder of configs only) the
+/// weights are taken to be bf16, as the published ones are.
 pub fn plan(folder: &ModelFolder, device: &Device, compute: DType, request: &Request) -> Result<Plan, RuntimeError> {
-    let (dit_ck, _) = folder.open_weights(Component::Transformer)?;
-    let (vae_ck, _) = folder.open_weights(Component::Vae)?;
+    let bf16 = |c| folder.open_weights(c).map(|(ck, _)| ck.is_bf16()).unwrap_or(true);
+    let checkpoint_bf16 = bf16(Component::Transformer) && bf16(Component::Vae);
     let caps = crate::device::capabilities(device);
     Ok(plan::make(&PlanInput {
         t5: &folder.text_encoder,
@@ -256,10 +257,10 @@ pub fn plan(folder: &ModelFolder, device: &Device, compute: DType, request: &Req
         text_len: request.max_sequence_length,
         compute,
         weights: request.weights,
-        checkpoint_bf16: dit_ck.is_bf16() && vae_ck.is_bf16(),
+        checkpoint_bf16,
         caps: &caps,
         budget: Budget::new(request.max_memory, plan::adapter_memory(device)),
-        max_binding: request.max_binding_bytes,
+        max_binding: request.max_binding_bytes.or_else(|| cogview_models::storage::max_buffer_bytes(device)),
     }))
 }
 
@@ -393,7 +394,6 @@ pub fn generate_batch(
             };
             let mut probe = guard.probe();
             let (cond, uncond) = embed(&mut probe, &mut text_peak)?;
-            encoder_calls += 1 + usize::from(negative.is_some() && cfg);
             let count = count_nonfinite(&cond) + uncond.as_ref().map_or(0, count_nonfinite);
             if count > 0 || probe.found.is_some() {
                 let module = localise(probe.found, |p| {
@@ -405,6 +405,7 @@ pub fn generate_batch(
             done.push((cond, uncond));
             progress.step(i + 1, start.elapsed());
         }
+        encoder_calls += encoder.calls();
         match hit {
             None => break done,
             Some(hit) => {

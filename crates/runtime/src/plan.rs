@@ -159,6 +159,8 @@ pub struct Plan {
     pub weight_storage: WeightStorage,
     /// The most bytes one attention call's scores may take.
     pub attention_scores_bytes: u64,
+    /// The largest buffer the adapter allows (the feed-forward runs on token chunks below it).
+    pub max_buffer_bytes: Option<u64>,
     /// The VAE tile in latents, when tiled.
     pub vae_tile: Option<usize>,
     pub warnings: Vec<String>,
@@ -185,7 +187,10 @@ impl From<WeightStorage> for WeightStorageName {
 
 impl Plan {
     pub fn attention(&self) -> AttentionLimits {
-        AttentionLimits { max_scores_bytes: self.attention_scores_bytes }
+        AttentionLimits {
+            max_scores_bytes: self.attention_scores_bytes,
+            max_buffer_bytes: self.max_buffer_bytes.unwrap_or(u64::MAX),
+        }
     }
 }
 
@@ -217,25 +222,35 @@ pub fn choose_storage(input: &PlanInput) -> (WeightStorage, String) {
     }
 }
 
-/// The attention-score cap: 1 GiB, or less where the adapter's binding limit is smaller or the
-/// budget is tight after the weights.
-fn attention_cap(input: &PlanInput, free: u64) -> u64 {
-    let mut cap = AttentionLimits::default().max_scores_bytes;
-    if let Some(b) = input.max_binding {
-        cap = cap.min(b);
+/// The attention-score caps to try, largest first: 1 GiB (or the adapter's largest buffer),
+/// halving down to one head of one image.
+fn attention_caps(input: &PlanInput, tokens: usize) -> Vec<u64> {
+    let mut cap = AttentionLimits::default().max_scores_bytes.min(input.max_binding.unwrap_or(u64::MAX));
+    let floor = (tokens * tokens * 4) as u64;
+    let mut caps = vec![cap];
+    while cap / 2 >= floor {
+        cap /= 2;
+        caps.push(cap);
     }
-    // Scores and their softmax are alive together; leave them half of what is free.
-    cap.min(free / 4).max(1 << 20)
+    caps
 }
 
 /// DiT activations at the peak of a block: the token streams and their norms, q/k/v and the
 /// attention output (about ten `[N, T, D]` tensors), the feed-forward's inner tensor and its
-/// activation (two `[N, T, F]`), and one head group's scores and softmax (f32).
+/// activation (two `[N, chunk, F]`, chunked below the largest buffer), and one head group's
+/// scores and softmax (f32).
 fn dit_activations(c: &DitConfig, n: usize, tokens: usize, dtype: DType, attn: &AttentionLimits) -> u64 {
     let d = c.inner_dim();
-    let s = dtype.size();
-    let group = attn.heads_per_call(n, c.num_attention_heads, tokens);
-    (n * tokens * d * s * 10 + n * tokens * 4 * d * s * 2) as u64 + 2 * (group * n * tokens * tokens * 4) as u64
+    let s = dtype.size() as u64;
+    let stream = n as u64 * tokens as u64 * d as u64 * s;
+    let inner = (n as u64 * tokens as u64 * 4 * d as u64 * s).min(attn.max_buffer_bytes);
+    let per_head = (tokens * tokens * 4) as u64;
+    let scores = if (n as u64) * per_head > attn.max_scores_bytes {
+        per_head
+    } else {
+        (attn.heads_per_call(n, c.num_attention_heads, tokens) * n) as u64 * per_head
+    };
+    stream * 10 + inner * 2 + 2 * scores
 }
 
 /// T5 activations: the residual stream and its norms, q/k/v, the gated feed-forward's three
@@ -312,14 +327,21 @@ pub fn make(input: &PlanInput) -> Plan {
     let (lh, lw) = (input.height / f, input.width / f);
     let tokens = input.text_len + (lh / p) * (lw / p);
     let resident_weights = rest + block * input.dit.num_layers as u64 + widened;
-    let attn = AttentionLimits { max_scores_bytes: attention_cap(input, budget.saturating_sub(resident_weights)) };
-    let act = dit_activations(input.dit, n, tokens, input.compute, &attn);
-    let (denoise, dit_mode, attn) = if resident_weights + act <= budget {
-        (StagePlan::new("resident", resident_weights, act), WeightsMode::Resident, attn)
+    let max_buffer = input.max_binding.unwrap_or(u64::MAX);
+    let caps = attention_caps(input, tokens);
+    // The largest attention cap that fits with these weights (the smallest if none does).
+    let fit = |weights: u64| {
+        let limits = |cap| AttentionLimits { max_scores_bytes: cap, max_buffer_bytes: max_buffer };
+        let found = caps.iter().map(|&cap| limits(cap)).find(|l| weights + dit_activations(input.dit, n, tokens, input.compute, l) <= budget);
+        let l = found.unwrap_or_else(|| limits(*caps.last().expect("at least one cap")));
+        (found.is_some(), l, dit_activations(input.dit, n, tokens, input.compute, &l))
+    };
+    let (fits_resident, attn_resident, act_resident) = fit(resident_weights);
+    let (denoise, dit_mode, attn) = if fits_resident {
+        (StagePlan::new("resident", resident_weights, act_resident), WeightsMode::Resident, attn_resident)
     } else {
         let weights = rest + block + widened;
-        let attn = AttentionLimits { max_scores_bytes: attention_cap(input, budget.saturating_sub(weights)) };
-        let act = dit_activations(input.dit, n, tokens, input.compute, &attn);
+        let (_, attn, act) = fit(weights);
         (StagePlan::new("streamed", weights, act), WeightsMode::Streamed, attn)
     };
     if denoise.peak_bytes > budget {
@@ -360,6 +382,7 @@ pub fn make(input: &PlanInput) -> Plan {
         dit_mode,
         weight_storage: storage,
         attention_scores_bytes: attn.max_scores_bytes,
+        max_buffer_bytes: input.max_binding,
         vae_tile,
         warnings,
     }

@@ -44,6 +44,8 @@ pub struct TextEncoder<'a> {
     dtype: DType,
     /// The blocks, when resident.
     blocks: Option<Vec<T5Block>>,
+    /// Prompts encoded so far.
+    calls: std::cell::Cell<usize>,
 }
 
 impl<'a> TextEncoder<'a> {
@@ -56,12 +58,17 @@ impl<'a> TextEncoder<'a> {
             let loader = Loader::new(&checkpoint, Component::TextEncoder, &Device::flex(), t5_weight_dtype(dtype));
             loader.load(|w| T5Embedding::load(w, &folder.text_encoder))?.0
         };
-        let mut encoder = Self { folder, checkpoint, tokenizer, embedding, device: device.clone(), dtype, blocks: None };
+        let mut encoder = Self { folder, checkpoint, tokenizer, embedding, device: device.clone(), dtype, blocks: None, calls: Default::default() };
         if mode == WeightsMode::Resident {
             let blocks = (0..folder.text_encoder.num_layers).map(|i| encoder.load_block(i)).collect::<Result<_, _>>()?;
             encoder.blocks = Some(blocks);
         }
         Ok(encoder)
+    }
+
+    /// How many prompts [`encode`](Self::encode) has run the encoder on.
+    pub fn calls(&self) -> usize {
+        self.calls.get()
     }
 
     pub fn tokenizer(&self) -> &PromptTokenizer {
@@ -86,6 +93,7 @@ impl<'a> TextEncoder<'a> {
     ///   the residual stream f32)
     pub fn encode(&self, prompts: &[&str], max_len: usize, peak: &mut PeakMemory, probe: &mut impl Probe) -> Result<Tensor<3>, RuntimeError> {
         let tokens = self.tokenize(prompts, max_len)?;
+        self.calls.set(self.calls.get() + prompts.len());
         let ids: Vec<Vec<u32>> = tokens.into_iter().map(|t| t.input_ids).collect();
         let mut h = self.embedding.embed(&ids, &self.device).cast(self.dtype);
         probe.check(|| "shared".into(), &h);
