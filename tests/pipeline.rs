@@ -165,3 +165,28 @@ fn storage_modes_and_streaming_are_bit_identical() {
     let p = plan(&folder("base"), &dev, DType::F32, &req).unwrap();
     assert_eq!(p.storage, WeightStorageName::Compute, "{}", p.storage_reason);
 }
+
+/// A batch runs each stage once for all its images: 3 prompts × 2 seeds encode 3 prompts, and
+/// each image is the one its request gives alone.
+#[test]
+fn batch_encodes_each_prompt_once() {
+    use cogview_runtime::batch::{expand, parse_prompts};
+    use cogview_runtime::pipeline::{Guarding, Quiet, Request, generate, generate_batch};
+    use cogview_runtime::precision::{ComputeDtype, Precision, PrecisionDecision};
+    let f = folder("base");
+    let dev = Device::flex();
+    let lines = parse_prompts("a red apple\n{\"prompt\": \"a green pear\", \"seed\": 100}\n{\"prompt\": \"a plum\", \"negative_prompt\": \"blurry\"}").unwrap();
+    let mut defaults = Request::new("");
+    (defaults.steps, defaults.width, defaults.height, defaults.seed) = (2, 64, 64, 7);
+    let items = expand(&lines, 2, &defaults);
+    let requests: Vec<Request> = items.iter().map(|i| i.request.clone()).collect();
+    let guard = Guarding::new(PrecisionDecision::fixed(Precision::F32, ComputeDtype::F32));
+    let p = plan(&f, &dev, DType::F32, &requests[0]).unwrap();
+    let batch = generate_batch(&f, &dev, &guard, &requests, &p, &mut Quiet).unwrap();
+    // The plum's negative prompt is encoded too: 3 prompts + 1 negative prompt.
+    assert_eq!(batch.encoder_calls, 4);
+    assert_eq!(batch.outputs.len(), 6);
+    let alone = generate(&f, &dev, &guard, &requests[3], &p, &mut Quiet).unwrap();
+    assert_eq!(batch.outputs[3].rgb, alone.rgb, "batched == alone");
+    assert_ne!(batch.outputs[2].rgb, batch.outputs[3].rgb, "seeds 100 and 101 differ");
+}

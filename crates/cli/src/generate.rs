@@ -239,7 +239,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let steps: Vec<f64> = batch.outputs.iter().flat_map(|o| o.step_seconds.iter().copied()).collect();
     let mib = |b: Option<u64>| b.map_or("-".to_string(), human);
     eprintln!(
-        "{} image(s), {} prompt(s) encoded; encode {:.1} s, denoise {:.1} s ({:.2} s/step), decode {:.1} s; \
+        "{} image(s); the text encoder ran on {} prompt(s); encode {:.1} s, denoise {:.1} s ({:.2} s/step), decode {:.1} s; \
          peak device memory: encode {}, denoise {}, decode {}",
         batch.outputs.len(),
         batch.encoder_calls,

@@ -276,3 +276,75 @@ fn completions_and_man_page() {
     assert!(o.status.success());
     assert!(stdout(&o).contains(".TH cogview"));
 }
+
+/// 3 prompts × 2 images: names from the template, seeds counting up from each prompt's seed
+/// (its own, else --seed), each prompt encoded once, and no overwriting without --overwrite.
+#[test]
+fn batch_of_prompts_with_count_and_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "a red apple\n# a comment\n\n{\"prompt\": \"a green pear\", \"seed\": 100, \"guidance\": 1}\n{\"prompt\": \"a blue plum\", \"width\": 96}\n",
+    )
+    .unwrap();
+    let template = dir.path().join("out/{index}-{seed}.png");
+    let args = [
+        "generate", "--model", &base(), "--prompts", prompts.to_str().unwrap(), "--count", "2", "--steps", "2",
+        "--width", "64", "--height", "64", "--seed", "7", "--device", "cpu", "--output", template.to_str().unwrap(),
+    ];
+    let o = cogview(&args);
+    assert!(o.status.success());
+    assert!(stderr(&o).contains("6 image(s); the text encoder ran on 3 prompt(s)"), "{}", stderr(&o));
+    let expect = [(0, 7, "a red apple", 64), (1, 8, "a red apple", 64), (2, 100, "a green pear", 64), (3, 101, "a green pear", 64), (4, 7, "a blue plum", 96), (5, 8, "a blue plum", 96)];
+    for (index, seed, prompt, width) in expect {
+        let png = dir.path().join(format!("out/{index}-{seed}.png"));
+        let text = png_text(&png);
+        let get = |k: &str| text.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap();
+        assert_eq!(get("seed"), seed.to_string());
+        assert_eq!(get("prompt"), prompt);
+        assert_eq!(get("size"), format!("{width}x64"));
+    }
+    assert_eq!(png_text(&dir.path().join("out/2-100.png")).iter().find(|(k, _)| k == "guidance").unwrap().1, "1");
+    assert_eq!(std::fs::read_dir(dir.path().join("out")).unwrap().count(), 6);
+    // Existing files stop the run before any work; --overwrite replaces them.
+    let before = std::fs::metadata(dir.path().join("out/0-7.png")).unwrap().modified().unwrap();
+    assert_clean_error(&cogview(&args), "already exists; pass --overwrite");
+    assert_eq!(std::fs::metadata(dir.path().join("out/0-7.png")).unwrap().modified().unwrap(), before);
+    let mut again = args.to_vec();
+    again.push("--overwrite");
+    assert!(cogview(&again).status.success());
+    // One fixed name for several images is refused.
+    let mut same = args.to_vec();
+    let fixed = dir.path().join("one.png");
+    let last = same.len() - 1;
+    same[last] = fixed.to_str().unwrap();
+    assert_clean_error(&cogview(&same), "add {index} or {seed}");
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"x\", \"sed\": 3}\n").unwrap();
+    assert_clean_error(&cogview(&["generate", "--model", &base(), "--prompts", bad.to_str().unwrap(), "--device", "cpu"]), "line 1: unknown field `sed`");
+}
+
+/// `--dry-run` on the real configuration (config files only, no weights): the plan, and
+/// nothing written.
+#[test]
+fn dry_run_prints_the_plan_without_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let real = fixtures().join("real");
+    let o = cogview(&[
+        "generate", "--model", real.to_str().unwrap(), "--prompt", "a cat", "--device", "cpu", "--max-memory", "8GiB",
+        "--dry-run", "-o", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let plan = stdout(&o);
+    for needle in ["adapter     burn-flex", "precision   f32", "weights     Bf16", "budget      8.00 GiB (--max-memory)", "encode    streamed", "denoise", "decode", "1024x1024 (size ok)"] {
+        assert!(plan.contains(needle), "`{needle}` in\n{plan}");
+    }
+    assert!(!out.exists());
+    // A tight budget streams the transformer and tiles the VAE.
+    let o = cogview(&["generate", "--model", real.to_str().unwrap(), "--prompt", "a cat", "--device", "cpu", "--max-memory", "3GiB", "--dry-run"]);
+    let plan = stdout(&o);
+    assert!(plan.contains("denoise   streamed") && plan.contains("decode    tiles of"), "{plan}");
+    assert_clean_error(&cogview(&["generate", "--model", real.to_str().unwrap(), "--prompt", "a", "--max-memory", "lots", "--dry-run"]), "--max-memory");
+}
