@@ -19,6 +19,13 @@ enum Preset {
     Full,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Stage {
+    Text,
+    Denoise,
+    Decode,
+}
+
 #[derive(Args)]
 pub struct BenchArgs {
     /// Model configuration to instantiate with random weights.
@@ -49,6 +56,10 @@ pub struct BenchArgs {
     /// else 8 GiB).
     #[arg(long, value_parser = parse_size)]
     max_memory: Option<u64>,
+    /// Stages to run, comma-separated: text, denoise, decode (default all). Without text the
+    /// transformer gets random embeddings.
+    #[arg(long, value_delimiter = ',', default_value = "text,denoise,decode")]
+    stages: Vec<Stage>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -95,6 +106,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         weights: args.weights,
         max_memory: args.max_memory,
         max_binding: target.adapter.max_storage_binding_size,
+        stages: [Stage::Text, Stage::Denoise, Stage::Decode].map(|s| args.stages.contains(&s)),
     };
     let report = bench(&t5, &dit, &vae, &settings, &target.device, target.precision.dtype.dtype());
     let json = serde_json::json!({

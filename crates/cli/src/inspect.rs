@@ -2,25 +2,19 @@
 
 use anyhow::Result;
 use clap::Args;
-use cogview_runtime::import::{ModelFolder, inspect::inspect};
+use cogview_runtime::import::hub::Files;
+use cogview_runtime::import::inspect::inspect;
+use cogview_runtime::plan::human as size;
 
 use crate::DeviceArgs;
+use crate::model::ModelArgs;
 
 #[derive(Args)]
 pub struct InspectArgs {
-    /// A diffusers model folder, or a hub id in the Hugging Face cache.
-    #[arg(long, default_value = "THUDM/CogView3-Plus-3B", env = "COGVIEW_MODEL")]
-    model: String,
+    #[command(flatten)]
+    model: ModelArgs,
     #[command(flatten)]
     device: DeviceArgs,
-}
-
-fn size(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
-        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-        b => format!("{:.1} KiB", b as f64 / 1024.0),
-    }
 }
 
 fn count(n: u64) -> String {
@@ -32,7 +26,7 @@ fn count(n: u64) -> String {
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
-    let folder = ModelFolder::open(&args.model)?;
+    let folder = args.model.open(Files::All)?;
     println!("model      {}", folder.root.display());
     println!("pipeline   {}", folder.index.class_name);
     let components = inspect(&folder)?;

@@ -44,8 +44,11 @@ enum Command {
     Bench(Box<bench::BenchArgs>),
     /// Print the token ids of a prompt as the pipeline pads them (JSON).
     Tokenize(tokenize::TokenizeArgs),
-    /// Generate an image from a prompt.
+    /// Generate images from a prompt or a file of prompts.
     Generate(Box<generate::GenerateArgs>),
+    /// Fetch a model from the hub into the Hugging Face cache (what `generate` does on first
+    /// use) and print its folder.
+    Download(model::ModelArgs),
 }
 
 /// Where to compute and in which dtype; shared by every command that runs a model.
@@ -85,6 +88,9 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(*args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Bench(args) => bench::run(*args),
+        Command::Download(args) => args
+            .open(cogview_runtime::import::hub::Files::All)
+            .map(|folder| println!("{}", folder.root.display())),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "cogview", &mut std::io::stdout());
             Ok(())

@@ -2,13 +2,15 @@
 
 use anyhow::Result;
 use clap::Args;
-use cogview_runtime::import::{PromptTokenizer, location};
+use cogview_runtime::import::PromptTokenizer;
+use cogview_runtime::import::hub::Files;
+
+use crate::model::ModelArgs;
 
 #[derive(Args)]
 pub struct TokenizeArgs {
-    /// A diffusers model folder, or a hub id in the Hugging Face cache.
-    #[arg(long, default_value = "THUDM/CogView3-Plus-3B", env = "COGVIEW_MODEL")]
-    model: String,
+    #[command(flatten)]
+    model: ModelArgs,
     #[arg(long, short)]
     prompt: String,
     /// Pad (and truncate) to this many tokens.
@@ -17,8 +19,8 @@ pub struct TokenizeArgs {
 }
 
 pub fn run(args: TokenizeArgs) -> Result<()> {
-    let root = location::resolve(&args.model)?;
-    let tokenizer = PromptTokenizer::from_folder(&root.join("tokenizer"))?;
+    let folder = args.model.open(Files::Configs)?;
+    let tokenizer = PromptTokenizer::from_folder(&folder.root.join("tokenizer"))?;
     let t = tokenizer.encode(&args.prompt, args.max_sequence_length)?;
     println!("{}", serde_json::json!({"input_ids": t.input_ids, "attention_mask": t.attention_mask}));
     Ok(())

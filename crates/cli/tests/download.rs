@@ -241,6 +241,10 @@ fn fresh_download_then_offline() {
     let again: Vec<_> = hub.requests()[before..].to_vec();
     assert_eq!(again.len(), 1, "{again:?}");
     assert!(again[0].0.starts_with("/api/models/test/tiny"));
+    // `cogview download` prints the cached folder.
+    let o = cogview(&home, &hub.endpoint(), &["download", "--model", "test/tiny"]);
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), snapshot(&home).to_string_lossy());
     // Offline without a cache: a clear error.
     let empty = tmp.path().join("empty");
     let o = run(&empty, "http://127.0.0.1:9", &generate(tmp.path(), "test/tiny", "d.png", &["--offline"]));

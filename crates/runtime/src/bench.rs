@@ -28,7 +28,12 @@ pub struct RandomWeights {
 
 impl RandomWeights {
     pub fn new(device: &Device, dtype: DType) -> Self {
-        Self { device: device.clone(), dtype, storage: WeightStorage::Compute, prefix: String::new() }
+        Self {
+            device: device.clone(),
+            dtype,
+            storage: WeightStorage::Compute,
+            prefix: String::new(),
+        }
     }
 
     pub fn with_storage(self, storage: WeightStorage) -> Self {
@@ -46,24 +51,30 @@ impl RandomWeights {
     }
 }
 
+/// Weights are drawn on the CPU and uploaded as a checkpoint's are, so the device holds them
+/// from the moment they are loaded (a lazily generated tensor would only exist once used, and
+/// the memory measured would be less than a real run's).
 impl WeightSource for RandomWeights {
     fn tensor<const D: usize>(&self, key: &str, shape: [usize; D]) -> Tensor<D> {
-        self.random(key, shape, &self.device).cast(self.dtype)
+        let data = self
+            .random(key, shape, &Device::flex())
+            .into_data()
+            .convert_dtype(self.dtype);
+        Tensor::from_data(data, (&self.device, self.dtype))
     }
 
     fn weight<const D: usize>(&self, key: &str, shape: [usize; D]) -> Weight<D> {
         let max = cogview_models::storage::max_buffer_bytes(&self.device);
-        let bytes = (shape.iter().product::<usize>() * self.dtype.size()) as u64;
-        if self.storage == WeightStorage::Compute && max.is_none_or(|m| bytes <= m) {
-            return Weight::Dense(self.tensor(key, shape));
-        }
-        // Drawn on the CPU, stored as a checkpoint's would be.
         let data = self.random(key, shape, &Device::flex()).into_data();
         Weight::store_limited(data, self.storage, self.dtype, &self.device, max)
     }
 
     fn pp(&self, prefix: impl std::fmt::Display) -> Self {
-        let prefix = if self.prefix.is_empty() { prefix.to_string() } else { format!("{}.{prefix}", self.prefix) };
+        let prefix = if self.prefix.is_empty() {
+            prefix.to_string()
+        } else {
+            format!("{}.{prefix}", self.prefix)
+        };
         Self { prefix, ..self.clone() }
     }
 }
@@ -81,6 +92,9 @@ pub struct BenchSettings {
     pub weights: WeightsChoice,
     pub max_memory: Option<u64>,
     pub max_binding: Option<u64>,
+    /// Which stages run: text, denoise, decode. Without the text stage the transformer gets
+    /// random embeddings.
+    pub stages: [bool; 3],
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -125,7 +139,10 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn stored_bytes(shapes: Vec<(String, Vec<usize>)>, storage: WeightStorage, dtype: DType) -> u64 {
     let sb = storage.bytes_per_value(dtype) as u64;
-    shapes.iter().map(|(_, s)| s.iter().product::<usize>() as u64 * if s.len() >= 2 { sb } else { dtype.size() as u64 }).sum()
+    shapes
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64 * if s.len() >= 2 { sb } else { dtype.size() as u64 })
+        .sum()
 }
 
 /// Runs the three stages on random weights, following the plan of the full-depth
@@ -159,12 +176,26 @@ pub fn bench(
         checkpoint_bf16: true,
         caps: &caps,
         budget: Budget::new(settings.max_memory, plan::adapter_memory(device)),
-        max_binding: settings.max_binding.or_else(|| cogview_models::storage::max_buffer_bytes(device)),
+        max_binding: settings
+            .max_binding
+            .or_else(|| cogview_models::storage::max_buffer_bytes(device)),
     });
     let storage = plan.weight_storage;
     let w = RandomWeights::new(device, dtype).with_storage(storage);
-    let dit_block = stored_bytes(cogview_import::KeyRecorder::keys_of(|r| { DitBlock::load(r, &dit); }), storage, dtype);
-    let t5_block = stored_bytes(cogview_import::KeyRecorder::keys_of(|r| { T5Block::load(r, &t5); }), WeightStorage::Compute, dtype);
+    let dit_block = stored_bytes(
+        cogview_import::KeyRecorder::keys_of(|r| {
+            DitBlock::load(r, &dit);
+        }),
+        storage,
+        dtype,
+    );
+    let t5_block = stored_bytes(
+        cogview_import::KeyRecorder::keys_of(|r| {
+            T5Block::load(r, &t5);
+        }),
+        WeightStorage::Compute,
+        dtype,
+    );
     let mut report = BenchReport {
         t5_layers: t5.num_layers,
         dit_layers: dit.num_layers,
@@ -187,105 +218,179 @@ pub fn bench(
         plan: plan.clone(),
     };
 
-    // T5, resident or streamed block by block as the plan says.
+    tracing::info!(
+        "bench: T5 {} ({} layers), DiT {} ({} layers), VAE {}, weights {:?}",
+        plan.text.mode,
+        t5.num_layers,
+        plan.denoise.mode,
+        dit.num_layers,
+        plan.decode.mode,
+        plan.storage
+    );
+    let left_out = |full: usize, run: usize, block: u64| (full - run) as u64 * block;
+    let text = if settings.stages[0] {
+        let (text, seconds, peak) = bench_text(&t5, &plan, &w, settings, device, dtype);
+        report.t5_seconds = seconds;
+        report.t5_peak = peak;
+        report.t5_peak_full_depth = peak.in_use.map(|b| match plan.text_mode {
+            WeightsMode::Resident => b + left_out(t5_full.num_layers, t5.num_layers, t5_block),
+            WeightsMode::Streamed => b,
+        });
+        tracing::info!("bench: T5 {seconds:.1} s, peak {:?}", peak.in_use);
+        text
+    } else {
+        Tensor::<3>::random(
+            [1, settings.text_len, t5.d_model],
+            Distribution::Normal(0.0, 0.1),
+            device,
+        )
+        .cast(dtype)
+    };
+    let f = vae.scale_factor();
+    let (lh, lw) = (settings.height / f, settings.width / f);
+    if settings.stages[1] {
+        // DiT: `steps` calls with the pipeline's batch, resident or streamed as the plan says.
+        let mut peak = PeakMemory::default();
+        let embeddings = DitEmbeddings::load(&w, &dit);
+        let blocks: Option<Vec<DitBlock>> = (plan.dit_mode == WeightsMode::Resident).then(|| {
+            (0..dit.num_layers)
+                .map(|i| DitBlock::load(&w.pp(format!("transformer_blocks.{i}")), &dit))
+                .collect()
+        });
+        peak.sample(device);
+        let batch = if settings.cfg { 2 } else { 1 };
+        let text = text.expand([batch, settings.text_len, t5.d_model]).cast(dtype);
+        let latents =
+            Tensor::<4>::random([batch, dit.in_channels, lh, lw], Distribution::Normal(0.0, 1.0), device).cast(dtype);
+        let size = SizeCondition {
+            original_size: [settings.height as f32, settings.width as f32],
+            crop_coords: [0.0, 0.0],
+            target_size: [settings.height as f32, settings.width as f32],
+        };
+        let sizes = vec![size; batch];
+        let attn = plan.attention();
+        let mut steps = Vec::new();
+        let mut guard = Vec::new();
+        for i in 0..settings.steps {
+            let t = 999.0 - (i as f32) * 1000.0 / settings.steps as f32;
+            let s = Instant::now();
+            let mut probe = PeakProbe {
+                device,
+                peak: &mut peak,
+            };
+            let block = |i: usize| -> Result<_, std::convert::Infallible> {
+                Ok(match &blocks {
+                    Some(b) => std::borrow::Cow::Borrowed(&b[i]),
+                    None => std::borrow::Cow::Owned(DitBlock::load(&w.pp(format!("transformer_blocks.{i}")), &dit)),
+                })
+            };
+            let Ok(v) = embeddings.forward_blocks(
+                dit.num_layers,
+                block,
+                latents.clone(),
+                text.clone(),
+                &vec![t; batch],
+                &sizes,
+                &attn,
+                &mut probe,
+            );
+            let _ = device.sync();
+            let g = Instant::now();
+            let _ = count_nonfinite(&v);
+            guard.push(g.elapsed().as_secs_f64());
+            steps.push(s.elapsed().as_secs_f64());
+            peak.sample(device);
+            tracing::info!(
+                "bench: DiT step {} {:.1} s, peak {:?}",
+                i + 1,
+                s.elapsed().as_secs_f64(),
+                peak.in_use
+            );
+        }
+        report.first_step_seconds = steps.first().copied().unwrap_or(0.0);
+        report.median_step_seconds = median(&mut steps.iter().skip(1).copied().collect::<Vec<_>>());
+        if settings.steps == 1 {
+            report.median_step_seconds = report.first_step_seconds;
+        }
+        report.guard_seconds_per_step = median(&mut guard);
+        report.dit_peak = peak;
+        report.dit_peak_full_depth = peak.in_use.map(|b| match plan.dit_mode {
+            WeightsMode::Resident => b + left_out(dit_full.num_layers, dit.num_layers, dit_block),
+            WeightsMode::Streamed => b,
+        });
+        drop((embeddings, blocks));
+        free(device);
+    }
+
+    if settings.stages[2] {
+        // VAE decode, tiled as the plan says.
+        let start = Instant::now();
+        let mut peak = PeakMemory::default();
+        let decoder = Decoder::load(&w, vae);
+        let z =
+            Tensor::<4>::random([1, vae.latent_channels, lh, lw], Distribution::Normal(0.0, 1.0), device).cast(dtype);
+        let mut probe = PeakProbe {
+            device,
+            peak: &mut peak,
+        };
+        let image = match plan.vae_tile {
+            Some(tile) => decoder.forward_tiled(z, tile, &mut probe),
+            None => decoder.forward(z, &mut probe),
+        };
+        peak.sample(device);
+        drop(image);
+        report.vae_seconds = start.elapsed().as_secs_f64();
+        report.vae_peak = peak;
+        report.vae_peak_full_depth = peak.in_use;
+        tracing::info!("bench: VAE {:.1} s, peak {:?}", report.vae_seconds, peak.in_use);
+        drop(decoder);
+        free(device);
+    }
+    report
+}
+
+/// The text stage: `text_len` tokens through the encoder, resident or streamed as planned.
+/// Returns the embeddings, the seconds and the peak.
+fn bench_text(
+    t5: &T5Config,
+    plan: &Plan,
+    w: &RandomWeights,
+    settings: &BenchSettings,
+    device: &Device,
+    dtype: DType,
+) -> (Tensor<3>, f64, PeakMemory) {
     let start = Instant::now();
     let mut peak = PeakMemory::default();
-    let embedding = T5Embedding::load(&RandomWeights::new(&Device::flex(), DType::F32), &t5);
-    let ids = vec![(0..settings.text_len).map(|i| (i * 7919 % t5.vocab_size) as u32).collect::<Vec<_>>(); 1];
+    let embedding = T5Embedding::load(&RandomWeights::new(&Device::flex(), DType::F32), t5);
+    let ids = vec![
+        (0..settings.text_len)
+            .map(|i| (i * 7919 % t5.vocab_size) as u32)
+            .collect::<Vec<_>>();
+        1
+    ];
     let mut h = embedding.embed(&ids, device).cast(dtype);
     let bias = embedding.position_bias(settings.text_len, device);
-    let resident: Option<Vec<T5Block>> = (plan.text_mode == WeightsMode::Resident)
-        .then(|| (0..t5.num_layers).map(|i| T5Block::load(&w.pp(format!("encoder.block.{i}")), &t5)).collect());
+    let resident: Option<Vec<T5Block>> = (plan.text_mode == WeightsMode::Resident).then(|| {
+        (0..t5.num_layers)
+            .map(|i| T5Block::load(&w.pp(format!("encoder.block.{i}")), t5))
+            .collect()
+    });
     for i in 0..t5.num_layers {
-        let mut probe = PeakProbe { device, peak: &mut peak };
+        let mut probe = PeakProbe {
+            device,
+            peak: &mut peak,
+        };
         h = match &resident {
             Some(blocks) => blocks[i].forward(h, &bias, "b", &mut probe),
-            None => T5Block::load(&w.pp(format!("encoder.block.{i}")), &t5).forward(h, &bias, "b", &mut probe),
+            None => T5Block::load(&w.pp(format!("encoder.block.{i}")), t5).forward(h, &bias, "b", &mut probe),
         };
         peak.sample(device);
     }
     let text = embedding.final_norm(h);
     peak.sample(device);
-    report.t5_seconds = start.elapsed().as_secs_f64();
-    report.t5_peak = peak;
-    let left_out = |full: usize, run: usize, block: u64| (full - run) as u64 * block;
-    report.t5_peak_full_depth = peak.in_use.map(|b| match plan.text_mode {
-        WeightsMode::Resident => b + left_out(t5_full.num_layers, t5.num_layers, t5_block),
-        WeightsMode::Streamed => b,
-    });
     drop((bias, resident));
     free(device);
-
-    // DiT: `steps` calls with the pipeline's batch, resident or streamed as the plan says.
-    let mut peak = PeakMemory::default();
-    let embeddings = DitEmbeddings::load(&w, &dit);
-    let blocks: Option<Vec<DitBlock>> = (plan.dit_mode == WeightsMode::Resident)
-        .then(|| (0..dit.num_layers).map(|i| DitBlock::load(&w.pp(format!("transformer_blocks.{i}")), &dit)).collect());
-    peak.sample(device);
-    let batch = if settings.cfg { 2 } else { 1 };
-    let f = vae.scale_factor();
-    let (lh, lw) = (settings.height / f, settings.width / f);
-    let text = text.expand([batch, settings.text_len, t5.d_model]).cast(dtype);
-    let latents = Tensor::<4>::random([batch, dit.in_channels, lh, lw], Distribution::Normal(0.0, 1.0), device).cast(dtype);
-    let size = SizeCondition {
-        original_size: [settings.height as f32, settings.width as f32],
-        crop_coords: [0.0, 0.0],
-        target_size: [settings.height as f32, settings.width as f32],
-    };
-    let sizes = vec![size; batch];
-    let attn = plan.attention();
-    let mut steps = Vec::new();
-    let mut guard = Vec::new();
-    for i in 0..settings.steps {
-        let t = 999.0 - (i as f32) * 1000.0 / settings.steps as f32;
-        let s = Instant::now();
-        let mut probe = PeakProbe { device, peak: &mut peak };
-        let block = |i: usize| -> Result<_, std::convert::Infallible> {
-            Ok(match &blocks {
-                Some(b) => std::borrow::Cow::Borrowed(&b[i]),
-                None => std::borrow::Cow::Owned(DitBlock::load(&w.pp(format!("transformer_blocks.{i}")), &dit)),
-            })
-        };
-        let Ok(v) = embeddings.forward_blocks(dit.num_layers, block, latents.clone(), text.clone(), &vec![t; batch], &sizes, &attn, &mut probe);
-        let _ = device.sync();
-        let g = Instant::now();
-        let _ = count_nonfinite(&v);
-        guard.push(g.elapsed().as_secs_f64());
-        steps.push(s.elapsed().as_secs_f64());
-        peak.sample(device);
-    }
-    report.first_step_seconds = steps.first().copied().unwrap_or(0.0);
-    report.median_step_seconds = median(&mut steps.iter().skip(1).copied().collect::<Vec<_>>());
-    if settings.steps == 1 {
-        report.median_step_seconds = report.first_step_seconds;
-    }
-    report.guard_seconds_per_step = median(&mut guard);
-    report.dit_peak = peak;
-    report.dit_peak_full_depth = peak.in_use.map(|b| match plan.dit_mode {
-        WeightsMode::Resident => b + left_out(dit_full.num_layers, dit.num_layers, dit_block),
-        WeightsMode::Streamed => b,
-    });
-    drop((embeddings, blocks));
-    free(device);
-
-    // VAE decode, tiled as the plan says.
-    let start = Instant::now();
-    let mut peak = PeakMemory::default();
-    let decoder = Decoder::load(&w, vae);
-    let z = Tensor::<4>::random([1, vae.latent_channels, lh, lw], Distribution::Normal(0.0, 1.0), device).cast(dtype);
-    let mut probe = PeakProbe { device, peak: &mut peak };
-    let image = match plan.vae_tile {
-        Some(tile) => decoder.forward_tiled(z, tile, &mut probe),
-        None => decoder.forward(z, &mut probe),
-    };
-    peak.sample(device);
-    drop(image);
-    report.vae_seconds = start.elapsed().as_secs_f64();
-    report.vae_peak = peak;
-    report.vae_peak_full_depth = peak.in_use;
-    drop(decoder);
-    free(device);
-    report
+    (text, start.elapsed().as_secs_f64(), peak)
 }
 
 fn free(device: &Device) {
