@@ -168,6 +168,7 @@ fn generate_writes_a_png_with_metadata_and_tensors() {
     let args = ["generate", "--model", &base(), "--prompt", "x", "--steps", "2", "--width", "64", "--height", "64", "--seed", "11", "--device", "cpu", "-o"];
     let mut a = args.to_vec();
     a.push(png.to_str().unwrap());
+    a.push("--overwrite");
     assert!(cogview(&a).status.success());
     let mut b = args.to_vec();
     b.push(png2.to_str().unwrap());
