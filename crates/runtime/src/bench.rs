@@ -229,7 +229,7 @@ pub fn bench(
     );
     let left_out = |full: usize, run: usize, block: u64| (full - run) as u64 * block;
     let text = if settings.stages[0] {
-        let (text, seconds, peak) = bench_text(&t5, &plan, &w, settings, device, dtype);
+        let (text, seconds, peak) = bench_text(&t5, &plan, &RandomWeights::new(device, dtype), settings, device, dtype);
         report.t5_seconds = seconds;
         report.t5_peak = peak;
         report.t5_peak_full_depth = peak.in_use.map(|b| match plan.text_mode {
@@ -349,7 +349,8 @@ pub fn bench(
     report
 }
 
-/// The text stage: `text_len` tokens through the encoder, resident or streamed as planned.
+/// The text stage: `text_len` tokens through the encoder, resident or streamed as planned, its
+/// weights in the compute dtype as the pipeline loads them.
 /// Returns the embeddings, the seconds and the peak.
 fn bench_text(
     t5: &T5Config,
