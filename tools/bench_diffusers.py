@@ -25,11 +25,11 @@ CUDA is synchronized before every clock read.
 
 Usage (from the repository root, with the project's Python environment):
 
-    /work/venv/bin/python tools/bench_diffusers.py --preset tiny --steps 3 --json
-    /work/venv/bin/python tools/bench_diffusers.py --preset full --layers 1 \\
+    python tools/bench_diffusers.py --preset tiny --steps 3 --json
+    python tools/bench_diffusers.py --preset full --layers 1 \\
         --width 256 --height 256 --steps 2 --json
-    /work/venv/bin/python tools/bench_diffusers.py --preset full --device cuda --dtype bf16
-    /work/venv/bin/python tools/bench_diffusers.py --config /path/to/CogView3-Plus-3B --layers 4
+    python tools/bench_diffusers.py --preset full --device cuda --dtype bf16
+    python tools/bench_diffusers.py --config /path/to/CogView3-Plus-3B --layers 4
 
 Flags as in `cogview bench`: --preset tiny|full (tests/fixtures/base/pipeline and
 tests/fixtures/real), --config DIR (a diffusers model folder; only text_encoder/config.json,
