@@ -249,102 +249,21 @@ pub fn bench(
     let f = vae.scale_factor();
     let (lh, lw) = (settings.height / f, settings.width / f);
     if settings.stages[1] {
-        // DiT: `steps` calls with the pipeline's batch, resident or streamed as the plan says.
-        let mut peak = PeakMemory::default();
-        let embeddings = DitEmbeddings::load(&w, &dit);
-        let blocks: Option<Vec<DitBlock>> = (plan.dit_mode == WeightsMode::Resident).then(|| {
-            (0..dit.num_layers)
-                .map(|i| DitBlock::load(&w.pp(format!("transformer_blocks.{i}")), &dit))
-                .collect()
-        });
-        peak.sample(device);
-        let batch = if settings.cfg { 2 } else { 1 };
-        let text = text.expand([batch, settings.text_len, t5.d_model]).cast(dtype);
-        let latents =
-            Tensor::<4>::random([batch, dit.in_channels, lh, lw], Distribution::Normal(0.0, 1.0), device).cast(dtype);
-        let size = SizeCondition {
-            original_size: [settings.height as f32, settings.width as f32],
-            crop_coords: [0.0, 0.0],
-            target_size: [settings.height as f32, settings.width as f32],
-        };
-        let sizes = vec![size; batch];
-        let attn = plan.attention();
-        let mut steps = Vec::new();
-        let mut guard = Vec::new();
-        for i in 0..settings.steps {
-            let t = 999.0 - (i as f32) * 1000.0 / settings.steps as f32;
-            let s = Instant::now();
-            let mut probe = PeakProbe {
-                device,
-                peak: &mut peak,
-            };
-            let block = |i: usize| -> Result<_, std::convert::Infallible> {
-                Ok(match &blocks {
-                    Some(b) => std::borrow::Cow::Borrowed(&b[i]),
-                    None => std::borrow::Cow::Owned(DitBlock::load(&w.pp(format!("transformer_blocks.{i}")), &dit)),
-                })
-            };
-            let Ok(v) = embeddings.forward_blocks(
-                dit.num_layers,
-                block,
-                latents.clone(),
-                text.clone(),
-                &vec![t; batch],
-                &sizes,
-                &attn,
-                &mut probe,
-            );
-            let _ = device.sync();
-            let g = Instant::now();
-            let _ = count_nonfinite(&v);
-            guard.push(g.elapsed().as_secs_f64());
-            steps.push(s.elapsed().as_secs_f64());
-            peak.sample(device);
-            tracing::info!(
-                "bench: DiT step {} {:.1} s, peak {:?}",
-                i + 1,
-                s.elapsed().as_secs_f64(),
-                peak.in_use
-            );
-        }
-        report.first_step_seconds = steps.first().copied().unwrap_or(0.0);
-        report.median_step_seconds = median(&mut steps.iter().skip(1).copied().collect::<Vec<_>>());
-        if settings.steps == 1 {
-            report.median_step_seconds = report.first_step_seconds;
-        }
-        report.guard_seconds_per_step = median(&mut guard);
-        report.dit_peak = peak;
-        report.dit_peak_full_depth = peak.in_use.map(|b| match plan.dit_mode {
+        let denoise = bench_denoise(&dit, &plan, &w, text, [lh, lw], settings, device, dtype);
+        report.first_step_seconds = denoise.first_step_seconds;
+        report.median_step_seconds = denoise.median_step_seconds;
+        report.guard_seconds_per_step = denoise.guard_seconds_per_step;
+        report.dit_peak = denoise.peak;
+        report.dit_peak_full_depth = denoise.peak.in_use.map(|b| match plan.dit_mode {
             WeightsMode::Resident => b + left_out(dit_full.num_layers, dit.num_layers, dit_block),
             WeightsMode::Streamed => b,
         });
-        drop((embeddings, blocks));
-        free(device);
     }
-
     if settings.stages[2] {
-        // VAE decode, tiled as the plan says.
-        let start = Instant::now();
-        let mut peak = PeakMemory::default();
-        let decoder = Decoder::load(&w, vae);
-        let z =
-            Tensor::<4>::random([1, vae.latent_channels, lh, lw], Distribution::Normal(0.0, 1.0), device).cast(dtype);
-        let mut probe = PeakProbe {
-            device,
-            peak: &mut peak,
-        };
-        let image = match plan.vae_tile {
-            Some(tile) => decoder.forward_tiled(z, tile, &mut probe),
-            None => decoder.forward(z, &mut probe),
-        };
-        peak.sample(device);
-        drop(image);
-        report.vae_seconds = start.elapsed().as_secs_f64();
+        let (seconds, peak) = bench_decode(vae, &plan, &w, [lh, lw], device, dtype);
+        report.vae_seconds = seconds;
         report.vae_peak = peak;
         report.vae_peak_full_depth = peak.in_use;
-        tracing::info!("bench: VAE {:.1} s, peak {:?}", report.vae_seconds, peak.in_use);
-        drop(decoder);
-        free(device);
     }
     report
 }
@@ -392,6 +311,136 @@ fn bench_text(
     drop((bias, resident));
     free(device);
     (text, start.elapsed().as_secs_f64(), peak)
+}
+
+/// What the denoising stage measured.
+struct DenoiseTimes {
+    first_step_seconds: f64,
+    median_step_seconds: f64,
+    guard_seconds_per_step: f64,
+    peak: PeakMemory,
+}
+
+/// The denoising stage: `steps` transformer calls with the pipeline's batch, resident or
+/// streamed block by block as planned, each followed by the non-finite guard.
+///
+/// # Shapes
+/// - `text`: [1, text_len, d_text]; `latent`: [height / 8, width / 8]
+#[allow(clippy::too_many_arguments)]
+fn bench_denoise(
+    dit: &DitConfig,
+    plan: &Plan,
+    w: &RandomWeights,
+    text: Tensor<3>,
+    [lh, lw]: [usize; 2],
+    settings: &BenchSettings,
+    device: &Device,
+    dtype: DType,
+) -> DenoiseTimes {
+    let mut peak = PeakMemory::default();
+    let embeddings = DitEmbeddings::load(w, dit);
+    let blocks: Option<Vec<DitBlock>> = (plan.dit_mode == WeightsMode::Resident).then(|| {
+        (0..dit.num_layers)
+            .map(|i| DitBlock::load(&w.pp(format!("transformer_blocks.{i}")), dit))
+            .collect()
+    });
+    peak.sample(device);
+    let batch = if settings.cfg { 2 } else { 1 };
+    let [_, text_len, d_text] = text.dims();
+    let text = text.expand([batch, text_len, d_text]).cast(dtype);
+    let latents =
+        Tensor::<4>::random([batch, dit.in_channels, lh, lw], Distribution::Normal(0.0, 1.0), device).cast(dtype);
+    let size = SizeCondition {
+        original_size: [settings.height as f32, settings.width as f32],
+        crop_coords: [0.0, 0.0],
+        target_size: [settings.height as f32, settings.width as f32],
+    };
+    let sizes = vec![size; batch];
+    let attn = plan.attention();
+    let mut steps = Vec::new();
+    let mut guard = Vec::new();
+    for i in 0..settings.steps {
+        let t = 999.0 - (i as f32) * 1000.0 / settings.steps as f32;
+        let s = Instant::now();
+        let mut probe = PeakProbe {
+            device,
+            peak: &mut peak,
+        };
+        let block = |i: usize| -> Result<_, std::convert::Infallible> {
+            Ok(match &blocks {
+                Some(b) => std::borrow::Cow::Borrowed(&b[i]),
+                None => std::borrow::Cow::Owned(DitBlock::load(&w.pp(format!("transformer_blocks.{i}")), dit)),
+            })
+        };
+        let Ok(v) = embeddings.forward_blocks(
+            dit.num_layers,
+            block,
+            latents.clone(),
+            text.clone(),
+            &vec![t; batch],
+            &sizes,
+            &attn,
+            &mut probe,
+        );
+        let _ = device.sync();
+        let g = Instant::now();
+        let _ = count_nonfinite(&v);
+        guard.push(g.elapsed().as_secs_f64());
+        steps.push(s.elapsed().as_secs_f64());
+        peak.sample(device);
+        tracing::info!(
+            "bench: DiT step {} {:.1} s, peak {:?}",
+            i + 1,
+            s.elapsed().as_secs_f64(),
+            peak.in_use
+        );
+    }
+    let first_step_seconds = steps.first().copied().unwrap_or(0.0);
+    // With one step, the first is also the median.
+    let later = if steps.len() > 1 { &steps[1..] } else { &steps[..] };
+    let median_step_seconds = median(&mut later.to_vec());
+    drop((embeddings, blocks));
+    free(device);
+    DenoiseTimes {
+        first_step_seconds,
+        median_step_seconds,
+        guard_seconds_per_step: median(&mut guard),
+        peak,
+    }
+}
+
+/// The decode stage: one latent through the VAE decoder, tiled as planned.
+/// Returns the seconds and the peak.
+///
+/// # Shapes
+/// - `latent`: [height / 8, width / 8]
+fn bench_decode(
+    vae: &VaeConfig,
+    plan: &Plan,
+    w: &RandomWeights,
+    [lh, lw]: [usize; 2],
+    device: &Device,
+    dtype: DType,
+) -> (f64, PeakMemory) {
+    let start = Instant::now();
+    let mut peak = PeakMemory::default();
+    let decoder = Decoder::load(w, vae);
+    let z = Tensor::<4>::random([1, vae.latent_channels, lh, lw], Distribution::Normal(0.0, 1.0), device).cast(dtype);
+    let mut probe = PeakProbe {
+        device,
+        peak: &mut peak,
+    };
+    let image = match plan.vae_tile {
+        Some(tile) => decoder.forward_tiled(z, tile, &mut probe),
+        None => decoder.forward(z, &mut probe),
+    };
+    peak.sample(device);
+    drop(image);
+    let seconds = start.elapsed().as_secs_f64();
+    tracing::info!("bench: VAE {seconds:.1} s, peak {:?}", peak.in_use);
+    drop(decoder);
+    free(device);
+    (seconds, peak)
 }
 
 fn free(device: &Device) {
