@@ -80,8 +80,9 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "DIR")]
     save_tensors: Option<PathBuf>,
     /// Where to write the PNG: a name, or a template with {index} (position in the batch, from
-    /// 0), {seed}, {line} (prompt line), {n} (image of that prompt) and {prompt} (its first
-    /// words). Default: cogview.png for one image, cogview-{index}-{seed}.png for several.
+    /// 0), {seed}, {line} (prompt line), {image} (the image's number for its prompt, from 0) and
+    /// {prompt} (its first words). Default: cogview.png for one image, cogview-{index}-{seed}.png
+    /// for several.
     #[arg(long, short)]
     output: Option<String>,
     /// Replace existing files (otherwise an existing output stops the run before any work).

@@ -349,3 +349,15 @@ fn dry_run_prints_the_plan_without_weights() {
     assert!(plan.contains("denoise   streamed") && plan.contains("decode    tiles of"), "{plan}");
     assert_clean_error(&cogview(&["generate", "--model", real.to_str().unwrap(), "--prompt", "a", "--max-memory", "lots", "--dry-run"]), "--max-memory");
 }
+
+/// The help shows every output placeholder as typed (clap turns a literal `{n}` into a line
+/// break, so the placeholders avoid that name).
+#[test]
+fn help_lists_the_output_placeholders() {
+    let o = cogview(&["generate", "--help"]);
+    assert!(o.status.success());
+    let help = stdout(&o);
+    for p in ["{index}", "{seed}", "{line}", "{image}", "{prompt}"] {
+        assert!(help.contains(p), "`generate --help` should show {p}");
+    }
+}

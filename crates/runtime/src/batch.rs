@@ -96,7 +96,7 @@ pub fn expand(lines: &[PromptLine], count: usize, defaults: &Request) -> Vec<Ite
 
 /// The placeholders an output template may use.
 pub const PLACEHOLDERS: &str = "{index} (position in the batch, from 0), {seed}, {line} (prompt line, from 1), \
-    {n} (image of that prompt, from 0), {prompt} (the prompt's first words, file-name safe)";
+    {image} (the image's number for its prompt, from 0), {prompt} (the prompt's first words, file-name safe)";
 
 /// The file name of `item` from `template`.
 pub fn output_name(template: &str, item: &Item) -> Result<PathBuf, String> {
@@ -122,7 +122,7 @@ pub fn output_name(template: &str, item: &Item) -> Result<PathBuf, String> {
             "index" => item.index.to_string(),
             "seed" => item.request.seed.to_string(),
             "line" => item.line.to_string(),
-            "n" => item.n.to_string(),
+            "image" => item.n.to_string(),
             "prompt" => slug.clone(),
             other => return Err(format!("`{template}`: unknown placeholder {{{other}}}; use {PLACEHOLDERS}")),
         };
@@ -177,7 +177,7 @@ mod tests {
         let items = expand(&lines, 2, &defaults);
         let seeds: Vec<u64> = items.iter().map(|i| i.request.seed).collect();
         assert_eq!(seeds, [5, 6, 100, 101]);
-        let name = output_name("out/{index}-{line}-{n}-{seed}-{prompt}.png", &items[3]).unwrap();
+        let name = output_name("out/{index}-{line}-{image}-{seed}-{prompt}.png", &items[3]).unwrap();
         assert_eq!(name, PathBuf::from("out/3-2-1-101-a-dog.png"));
         assert!(output_name("{nope}.png", &items[0]).unwrap_err().contains("unknown placeholder"));
         let err = output_paths("same.png", &items, false).unwrap_err().to_string();
