@@ -127,7 +127,7 @@ fn table(r: &BenchReport, device: &str, precision: &str) -> String {
     let mib = |b: Option<u64>| b.map_or("-".to_string(), human);
     let p = &r.plan;
     let mut s = format!(
-        "{device}, {precision}: {}x{}, {} steps, T5 {} layers, DiT {} layers; weights {:?}; budget {} ({})\n",
+        "{device}, {precision}: {}x{}, {} steps, T5 {} layers, DiT {} layers; weights {}; budget {} ({})\n",
         r.width, r.height, r.steps, r.t5_layers, r.dit_layers, p.storage, human(p.budget.bytes), p.budget.source
     );
     s += &format!("{:<18}{:>10}{:>14}{:>14}{:>16}{:>14}  {}\n", "stage", "seconds", "peak in use", "reserved", "full depth", "plan", "mode");

@@ -294,7 +294,7 @@ fn describe_plan(args: &GenerateArgs, folder: &ModelFolder, target: &Target, pla
     for w in &target.precision.warnings {
         s += &format!("            warning: {w}\n");
     }
-    s += &format!("weights     {:?}: {}\n", plan.storage, plan.storage_reason);
+    s += &format!("weights     {}: {}\n", plan.storage, plan.storage_reason);
     s += &format!("budget      {} ({})\n", human(plan.budget.bytes), plan.budget.source);
     s += &format!("attention   at most {} of scores per call\n", human(plan.attention_scores_bytes));
     s += &format!("\n{:<10}{:<22}{:>12}{:>14}{:>12}\n", "stage", "mode", "weights", "activations", "peak");

@@ -339,7 +339,7 @@ fn dry_run_prints_the_plan_without_weights() {
     ]);
     assert!(o.status.success());
     let plan = stdout(&o);
-    for needle in ["adapter     burn-flex", "precision   f32", "weights     Bf16", "budget      8.00 GiB (--max-memory)", "encode    streamed", "denoise", "decode", "1024x1024 (size ok)"] {
+    for needle in ["adapter     burn-flex", "precision   f32", "weights     bf16: ", "budget      8.00 GiB (--max-memory)", "encode    streamed", "denoise", "decode", "1024x1024 (size ok)"] {
         assert!(plan.contains(needle), "`{needle}` in\n{plan}");
     }
     assert!(!out.exists());

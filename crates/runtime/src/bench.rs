@@ -219,7 +219,7 @@ pub fn bench(
     };
 
     tracing::info!(
-        "bench: T5 {} ({} layers), DiT {} ({} layers), VAE {}, weights {:?}",
+        "bench: T5 {} ({} layers), DiT {} ({} layers), VAE {}, weights {}",
         plan.text.mode,
         t5.num_layers,
         plan.denoise.mode,

@@ -319,7 +319,7 @@ pub fn generate_batch(
     let dtype = guard.precision.dtype.dtype();
     let mut fallbacks = Vec::new();
     tracing::info!(
-        "plan: text {} · transformer {} · VAE {} · weights {:?} ({}) · budget {} ({})",
+        "plan: text {} · transformer {} · VAE {} · weights {} ({}) · budget {} ({})",
         plan.text.mode, plan.denoise.mode, plan.decode.mode, plan.storage, plan.storage_reason,
         plan::human(plan.budget.bytes), plan.budget.source
     );

@@ -185,6 +185,16 @@ impl From<WeightStorage> for WeightStorageName {
     }
 }
 
+impl std::fmt::Display for WeightStorageName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Compute => "the compute dtype",
+            Self::Bf16 => "bf16",
+            Self::PackedBf16 => "bf16 packed in u32",
+        })
+    }
+}
+
 impl Plan {
     pub fn attention(&self) -> AttentionLimits {
         AttentionLimits {
