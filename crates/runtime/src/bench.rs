@@ -347,6 +347,7 @@ fn bench_denoise(
     peak.sample(device);
     let batch = if settings.cfg { 2 } else { 1 };
     let [_, text_len, d_text] = text.dims();
+    // The text stage ends in its f32 final norm (the embedding is kept on the CPU in f32).
     let text = text.expand([batch, text_len, d_text]).cast(dtype);
     let latents =
         Tensor::<4>::random([batch, dit.in_channels, lh, lw], Distribution::Normal(0.0, 1.0), device).cast(dtype);
