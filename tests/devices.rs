@@ -40,7 +40,7 @@ fn lavapipe_is_listed_with_its_capabilities() {
 
 #[test]
 fn enumeration_lists_the_cpu_backend_last_and_numbers_gpus() {
-    let adapters = device::enumerate();
+    let adapters = device::enumerate(device::Scope::Compute);
     let last = adapters.last().unwrap();
     assert_eq!(last.adapter_type, AdapterType::CpuBackend);
     assert_eq!(last.index, None);
@@ -51,7 +51,7 @@ fn enumeration_lists_the_cpu_backend_last_and_numbers_gpus() {
 
 #[test]
 fn auto_on_a_machine_without_gpu_takes_the_cpu_backend_and_vulkan_takes_lavapipe() {
-    let adapters = device::enumerate();
+    let adapters = device::enumerate(device::Scope::Compute);
     if adapters.iter().any(|a| a.adapter_type.is_gpu()) {
         // A machine with a GPU (not CI): auto must take one of them.
         let s = device::select(&adapters, DeviceChoice::Auto, BackendChoice::Auto).unwrap();

@@ -3,12 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{DType, Device};
-use cogview_runtime::RuntimeError;
 use cogview_runtime::guard::CheckFinite;
 use cogview_runtime::import::ModelFolder;
-use cogview_runtime::pipeline::{Guarding, Output, Quiet, Request, generate, plan};
 use cogview_runtime::precision::{ComputeDtype, Precision, PrecisionDecision};
+use cogview_runtime::{Options, Output, Pipeline, Quiet, Request, RuntimeError, Stage, Target};
 use cogview_tests::{Refs, assert_close, copy_dir, pipeline, rewrite_safetensors};
 
 /// The f32 pipeline against diffusers' f32 (as tests/pipeline.rs).
@@ -35,10 +33,9 @@ fn request(variant: &str) -> Request {
 
 fn run(folder: &Path, requested: Precision, dtype: ComputeDtype, check: CheckFinite) -> Result<Output, RuntimeError> {
     let f = ModelFolder::open(folder.to_str().unwrap()).unwrap();
-    let guard = Guarding { precision: PrecisionDecision::fixed(requested, dtype), check };
-    let request = request("overflow");
-    let plan = plan(&f, &Device::flex(), dtype.dtype(), &request).unwrap();
-    generate(&f, &Device::flex(), &guard, &request, &plan, &mut Quiet)
+    let target = Target::cpu(PrecisionDecision::fixed(requested, dtype));
+    let mut pipeline = Pipeline::load(f, target, Options { check, ..Options::default() }).unwrap();
+    pipeline.generate(&request("overflow"), &mut Quiet)
 }
 
 /// `[1, 3, H, W]` floats in NHWC order, as diffusers' `image_np`.
@@ -61,7 +58,7 @@ fn overflow_fixture_f16_stops_naming_the_module() {
     for check in [CheckFinite::Stages, CheckFinite::All] {
         let err = run(&pipeline("overflow"), Precision::F16, ComputeDtype::F16, check).unwrap_err();
         let RuntimeError::NonFinite(hit) = &err else { panic!("{err}") };
-        assert_eq!(hit.stage, "transformer");
+        assert_eq!(hit.stage, Stage::Transformer);
         assert_eq!(hit.step, Some((0, 999)));
         assert_eq!(hit.module.as_deref(), Some("transformer_blocks.0.ff.net.0.proj"), "{err}");
         assert!(err.to_string().contains("--precision f32"));
@@ -92,6 +89,13 @@ fn overflow_fixture_bf16_is_finite() {
 // ---- NaNs planted in a weight of each component ----
 
 
+/// The base request on a (broken) copy of the base fixture, in f32.
+fn run_base(root: &Path) -> Result<Output, RuntimeError> {
+    let f = ModelFolder::open(root.to_str().unwrap()).unwrap();
+    let target = Target::cpu(PrecisionDecision::fixed(Precision::F32, ComputeDtype::F32));
+    Pipeline::load(f, target, Options::default()).unwrap().generate(&request("base"), &mut Quiet)
+}
+
 /// A copy of the base fixture with the data of `key` in `file` edited.
 fn plant(file: &str, key: &str, edit: impl Fn(&mut [u8])) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -109,15 +113,15 @@ fn plant(file: &str, key: &str, edit: impl Fn(&mut [u8])) -> (tempfile::TempDir,
 #[test]
 fn planted_nan_is_named_in_each_component() {
     for (file, key, stage, module) in [
-        ("text_encoder/model.safetensors", "encoder.block.1.layer.1.DenseReluDense.wi_1.weight", "text encoder", "encoder.block.1.layer.1.DenseReluDense.wi_1"),
+        ("text_encoder/model.safetensors", "encoder.block.1.layer.1.DenseReluDense.wi_1.weight", Stage::Text, "encoder.block.1.layer.1.DenseReluDense.wi_1"),
         // (Not in q/k: burn-flex's attention maps NaN scores to zero weight, so a NaN there
         // never reaches the output, and there is nothing to guard against.)
-        ("transformer/diffusion_pytorch_model.safetensors", "transformer_blocks.1.ff.net.2.weight", "transformer", "transformer_blocks.1.ff.net.2"),
-        ("vae/diffusion_pytorch_model.safetensors", "decoder.up_blocks.2.resnets.0.conv1.weight", "VAE decoder", "decoder.up_blocks.2.resnets.0.conv1"),
+        ("transformer/diffusion_pytorch_model.safetensors", "transformer_blocks.1.ff.net.2.weight", Stage::Transformer, "transformer_blocks.1.ff.net.2"),
+        ("vae/diffusion_pytorch_model.safetensors", "decoder.up_blocks.2.resnets.0.conv1.weight", Stage::Decoder, "decoder.up_blocks.2.resnets.0.conv1"),
     ] {
         let (_dir, root) = plant(file, key, |d| d[..4].copy_from_slice(&f32::NAN.to_le_bytes()));
 
-        let err = run(&root, Precision::F32, ComputeDtype::F32, CheckFinite::Stages).unwrap_err();
+        let err = run_base(&root).unwrap_err();
         let RuntimeError::NonFinite(hit) = &err else { panic!("{err}") };
         assert_eq!(hit.stage, stage);
         assert_eq!(hit.module.as_deref(), Some(module), "{err}");
@@ -130,10 +134,6 @@ fn planted_nan_is_named_in_each_component() {
 fn nearly_uniform_image_warns() {
     // Zero the whole output conv: the image is its bias, a flat colour.
     let (_dir, root) = plant("vae/diffusion_pytorch_model.safetensors", "decoder.conv_out.weight", |d| d.fill(0));
-    let f = ModelFolder::open(root.to_str().unwrap()).unwrap();
-    let guard = Guarding::new(PrecisionDecision::fixed(Precision::F32, ComputeDtype::F32));
-    let request = request("base");
-    let plan = plan(&f, &Device::flex(), DType::F32, &request).unwrap();
-    let out = generate(&f, &Device::flex(), &guard, &request, &plan, &mut Quiet).unwrap();
+    let out = run_base(&root).unwrap();
     assert!(out.warnings.iter().any(|w| w.contains("nearly uniform")), "{:?}", out.warnings);
 }

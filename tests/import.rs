@@ -31,7 +31,7 @@ fn single_file_f32_loads_bit_for_bit() {
     let (ck, report) = folder.open_weights(Component::Transformer).unwrap();
     assert!(report.is_ok() && report.unexpected.is_empty());
     let loader = Loader::new(&ck, Component::Transformer, &dev, |_| DType::F32);
-    let (dit, report) = loader.load(|w| Dit::load(w, &folder.transformer)).unwrap();
+    let (dit, report) = loader.load(|w| Dit::load(w, &folder.configs.transformer)).unwrap();
     assert_eq!(report.applied.len(), folder.expected_keys(Component::Transformer).len());
     let file = folder.component_dir(Component::Transformer).join("diffusion_pytorch_model.safetensors");
     let (dtype, bytes) = stored(&file, "transformer_blocks.1.ff.net.0.proj.weight");
@@ -49,14 +49,14 @@ fn sharded_f32_loads_bit_for_bit_and_partially_by_prefix() {
     assert!(ck.index.is_some() && ck.files.len() > 1, "the wide fixture is sharded");
     let loader = Loader::new(&ck, Component::TextEncoder, &dev, |_| DType::F32);
     // Only block 2: exactly its keys are read.
-    let (block, report) = loader.load(|w| T5Block::load(&w.pp("encoder.block.2"), &folder.text_encoder)).unwrap();
+    let (block, report) = loader.load(|w| T5Block::load(&w.pp("encoder.block.2"), &folder.configs.text_encoder)).unwrap();
     assert!(report.applied.iter().all(|k| k.starts_with("encoder.block.2.")));
     assert_eq!(report.applied.len(), 9); // q, k, v, o, 2 norms, wi_0, wi_1, wo
     let key = "encoder.block.2.layer.1.DenseReluDense.wo.weight";
     let file = ck.file_of(key).unwrap().path().to_path_buf();
     assert_eq!(block.wo.weight.get().into_data().as_bytes(), stored(&file, key).1.as_slice());
     // The embedding is stored once, as shared.weight.
-    let (emb, _) = loader.load(|w| T5Embedding::load(w, &folder.text_encoder)).unwrap();
+    let (emb, _) = loader.load(|w| T5Embedding::load(w, &folder.configs.text_encoder)).unwrap();
     let file = ck.file_of("shared.weight").unwrap().path().to_path_buf();
     assert_eq!(emb.shared.into_data().as_bytes(), stored(&file, "shared.weight").1.as_slice());
 }
@@ -71,17 +71,17 @@ fn bf16_stored_loads_as_bf16_exactly_and_widens_to_f32_exactly() {
     let (dtype, bytes) = stored(&file, key);
     assert_eq!(dtype, safetensors::Dtype::BF16);
     let as_bf16 = Loader::new(&ck, Component::Vae, &dev, |_| DType::BF16);
-    let (dec, _) = as_bf16.load(|w| Decoder::load(w, &folder.vae)).unwrap();
+    let (dec, _) = as_bf16.load(|w| Decoder::load(w, &folder.configs.vae)).unwrap();
     assert_eq!(dec.up_blocks[1].resnets[0].conv1.weight.dtype(), DType::BF16);
     assert_eq!(dec.up_blocks[1].resnets[0].conv1.weight.get().into_data().as_bytes(), bytes.as_slice());
     let widened: Vec<f32> = bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
     let as_f32 = Loader::new(&ck, Component::Vae, &dev, |_| DType::F32);
-    let (dec, _) = as_f32.load(|w| Decoder::load(w, &folder.vae)).unwrap();
+    let (dec, _) = as_f32.load(|w| Decoder::load(w, &folder.configs.vae)).unwrap();
     assert_eq!(dec.up_blocks[1].resnets[0].conv1.weight.get().into_data().try_to_vec::<f32>().unwrap(), widened);
     // Stored as bf16, computed in f32: the stored bytes are the checkpoint's, the weight at use
     // is the same widened f32.
     let bf16_stored = Loader::new(&ck, Component::Vae, &dev, |_| DType::F32).with_storage(WeightStorage::Bf16);
-    let (dec, _) = bf16_stored.load(|w| Decoder::load(w, &folder.vae)).unwrap();
+    let (dec, _) = bf16_stored.load(|w| Decoder::load(w, &folder.configs.vae)).unwrap();
     let Weight::Bf16 { stored, compute } = &dec.up_blocks[1].resnets[0].conv1.weight else { panic!("not stored as bf16") };
     assert_eq!((stored.dtype(), *compute), (DType::BF16, DType::F32));
     assert_eq!(stored.clone().into_data().as_bytes(), bytes.as_slice());
@@ -258,7 +258,7 @@ fn non_float_dtype() {
     rewrite_safetensors(&root.join(DIT), |(k, t, s, d)| Some((k.clone(), if k == key { safetensors::Dtype::I32 } else { t }, s, d)));
     let (ck, _) = folder.open_weights(Component::Transformer).unwrap();
     let loader = Loader::new(&ck, Component::Transformer, &Device::flex(), |_| DType::F32);
-    let msg = loader.load(|w| Dit::load(w, &folder.transformer)).unwrap_err().to_string();
+    let msg = loader.load(|w| Dit::load(w, &folder.configs.transformer)).unwrap_err().to_string();
     assert!(msg.contains(DIT) && msg.contains(key) && msg.contains("I32"), "{msg}");
 }
 
@@ -321,4 +321,15 @@ fn tied_embedding_under_either_name() {
     assert!(report.is_ok(), "{report}");
     let all = folder.expected_keys(Component::TextEncoder);
     assert!(check(Component::TextEncoder, &ck, &all, &all).applied.contains(&"shared.weight".to_string()));
+}
+
+/// The presets are the configs they name: the real model's, and the tiny one of the tests'
+/// `base` fixture.
+#[test]
+fn presets_are_the_configs_they_name() {
+    use cogview_runtime::models::Configs;
+    let real = ModelFolder::open(fixture("real").to_str().unwrap()).unwrap();
+    assert_eq!(real.configs, Configs::cogview3_plus_3b());
+    let base = ModelFolder::open(pipeline("base").to_str().unwrap()).unwrap();
+    assert_eq!(base.configs, Configs::tiny());
 }

@@ -6,8 +6,8 @@
 use burn::tensor::{DType, Device};
 use cogview_shaders::bf16::{unpack_bf16, unpack_bf16_reference, upload_packed};
 use rand::{Rng, SeedableRng};
-use cogview_runtime::text::WeightsMode;
-use cogview_runtime::plan::{WeightStorageName, WeightsChoice};
+use cogview_runtime::models::WeightStorage;
+use cogview_runtime::plan::{Residency, WeightsChoice};
 use cogview_tests::stages::{DIT_F32_TOL, T5_F32_TOL, assert_identical, bf16_copy, decode_case, encode, forward_cases, run_case, run_stored};
 use cogview_tests::{Refs, assert_close, lavapipe};
 
@@ -15,9 +15,9 @@ use cogview_tests::{Refs, assert_close, lavapipe};
 fn every_stage_on_lavapipe() {
     let (_, dev) = lavapipe();
     let refs = Refs::open("base", "text_encoder");
-    let (resident, peak_resident) = encode("base", &dev, DType::F32, WeightsMode::Resident, 224);
+    let (resident, peak_resident) = encode("base", &dev, DType::F32, Residency::Resident, 224);
     assert_close("base T5 f32 on lavapipe", &resident, &refs.f32("prompt_embeds.len224"), T5_F32_TOL);
-    let (streamed, peak_streamed) = encode("base", &dev, DType::F32, WeightsMode::Streamed, 224);
+    let (streamed, peak_streamed) = encode("base", &dev, DType::F32, Residency::Streamed, 224);
     assert_eq!(resident, streamed, "streamed == resident");
     println!("lavapipe peak device memory of the text encoder: resident {peak_resident:?}, streamed {peak_streamed:?}");
     assert!(peak_streamed.in_use.is_some());
@@ -28,8 +28,8 @@ fn every_stage_on_lavapipe() {
     // transformer streamed: bit-identical to f32 storage of the same bf16 values.
     let (_dir, f) = bf16_copy("base");
     let f32_stored = run_stored(&f, "base", "s4_g7_64x96", &dev, WeightsChoice::F32, |_| {});
-    let packed = run_stored(&f, "base", "s4_g7_64x96", &dev, WeightsChoice::Auto, |p| p.dit_mode = WeightsMode::Streamed);
-    assert_eq!(packed.plan.storage, WeightStorageName::PackedBf16, "{}", packed.plan.storage_reason);
+    let packed = run_stored(&f, "base", "s4_g7_64x96", &dev, WeightsChoice::Auto, |p| p.denoise.mode = Residency::Streamed);
+    assert_eq!(packed.plan.storage, WeightStorage::PackedBf16, "{}", packed.plan.storage_reason);
     assert_identical("lavapipe packed-bf16 streamed vs f32-stored", &f32_stored, &packed);
 }
 

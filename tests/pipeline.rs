@@ -4,13 +4,12 @@ use burn::tensor::{DType, Device};
 use cogview_runtime::guard::FirstNonFinite;
 use cogview_runtime::import::{Component, Loader};
 use cogview_runtime::memory::PeakMemory;
-use cogview_runtime::models::NoProbe;
 use cogview_runtime::models::vae::Decoder;
-use cogview_runtime::pipeline::{prompt_embeddings, to_u8};
-use cogview_runtime::text::{TextEncoder, WeightsMode};
-use cogview_runtime::pipeline::plan;
-use cogview_runtime::plan::{WeightStorageName, WeightsChoice};
-use cogview_tests::stages::{VAE_F32_TOL, assert_identical, bf16_copy, decode_case, folder, manifest, run_case, run_stored};
+use cogview_runtime::models::{NoProbe, WeightStorage};
+use cogview_runtime::plan::{Residency, WeightsChoice};
+use cogview_runtime::text::{TextEncoder, prompt_embeddings};
+use cogview_runtime::{Options, Quiet};
+use cogview_tests::stages::{VAE_F32_TOL, assert_identical, bf16_copy, decode_case, f32_pipeline, folder, manifest, model, run_case, run_stored};
 use cogview_tests::{Refs, assert_close, fixture, values};
 
 /// Prompt embeddings through `encode_prompt`: as the T5 tolerance.
@@ -52,37 +51,28 @@ fn vae_decode_matches_diffusers() {
 /// encoded; images per prompt repeat each prompt in place.
 #[test]
 fn prompt_semantics() {
-    let f = folder("base");
+    let model = model("base");
     let refs = Refs::open("base", "text_encoder");
     let m = manifest("base");
     let prompt = m["text_encoder"]["prompt_for_negative_records"].as_str().unwrap();
-    let enc = TextEncoder::open(&f, &Device::flex(), DType::F32, WeightsMode::Resident).unwrap();
+    let enc = TextEncoder::load(&model, &Device::flex(), DType::F32, Residency::Resident).unwrap();
     let mut peak = PeakMemory::default();
     for (negative, key) in [(None, "none"), (Some(""), "empty"), (Some(m["text_encoder"]["negative_text"].as_str().unwrap()), "text")] {
-        let (_, uncond) = prompt_embeddings(&enc, &[prompt], negative, true, 1, 224, &mut peak, &mut FirstNonFinite::default()).unwrap();
+        let c = prompt_embeddings(&enc, &model, &[prompt], negative, true, 1, 224, &mut peak, &mut FirstNonFinite::default()).unwrap();
         let want = refs.f32(&format!("negative_prompt_embeds.{key}.len224"));
-        let got = values(uncond.unwrap());
+        let got = values(c.uncond.unwrap());
         if negative.is_none() {
             assert!(got.iter().all(|v| *v == 0.0) && want.iter().all(|v| *v == 0.0));
         } else {
             assert_close(&format!("negative {key}"), &got, &want, EMBED_TOL);
         }
     }
-    let (_, none) = prompt_embeddings(&enc, &[prompt], Some("x"), false, 1, 224, &mut peak, &mut FirstNonFinite::default()).unwrap();
-    assert!(none.is_none(), "no unconditional embedding without guidance");
+    let none = prompt_embeddings(&enc, &model, &[prompt], Some("x"), false, 1, 224, &mut peak, &mut FirstNonFinite::default()).unwrap();
+    assert!(none.uncond.is_none(), "no unconditional embedding without guidance");
     let prompts: Vec<String> = serde_json::from_value(m["prompts"].clone()).unwrap();
-    let (cond, _) = prompt_embeddings(&enc, &[&prompts[0], &prompts[1]], None, false, 2, 16, &mut peak, &mut FirstNonFinite::default()).unwrap();
-    assert_eq!(cond.dims(), [4, 16, 32]);
-    assert_close("images per prompt", &values(cond), &refs.f32("prompt_embeds.len16.nipp2"), EMBED_TOL);
-}
-
-#[test]
-fn rounding_to_8_bits_is_half_to_even() {
-    assert_eq!(to_u8(0.5 / 255.0), 0);
-    assert_eq!(to_u8(1.5 / 255.0), 2);
-    assert_eq!(to_u8(2.5 / 255.0), 2);
-    assert_eq!(to_u8(1.0), 255);
-    assert_eq!(to_u8(0.0), 0);
+    let c = prompt_embeddings(&enc, &model, &[&prompts[0], &prompts[1]], None, false, 2, 16, &mut peak, &mut FirstNonFinite::default()).unwrap();
+    assert_eq!(c.cond.dims(), [4, 16, 32]);
+    assert_close("images per prompt", &values(c.cond), &refs.f32("prompt_embeds.len16.nipp2"), EMBED_TOL);
 }
 
 /// A VAE with what CogView3-Plus's leaves out (mid-block attention, quant and post-quant convs):
@@ -124,9 +114,9 @@ fn tiled_decode_matches_diffusers_tiling() {
     let f = folder("base");
     let dev = Device::flex();
     let (ck, _) = f.open_weights(Component::Vae).unwrap();
-    let dec = Loader::new(&ck, Component::Vae, &dev, |_| DType::F32).load(|w| Decoder::load(w, &f.vae)).unwrap().0;
+    let dec = Loader::new(&ck, Component::Vae, &dev, |_| DType::F32).load(|w| Decoder::load(w, &f.configs.vae)).unwrap().0;
     let refs = Refs::open("base", "vae_tiled");
-    let z = refs.tensor::<4>("latents", &dev).div_scalar(f.vae.scaling_factor);
+    let z = refs.tensor::<4>("latents", &dev).div_scalar(f.configs.vae.scaling_factor);
     let tiled = values(dec.forward_tiled(z.clone(), 8, &mut NoProbe));
     let want = refs.f32("tiled");
     assert_close("base vae tiled (8-latent tiles)", &tiled, &want, VAE_F32_TOL);
@@ -138,7 +128,7 @@ fn tiled_decode_matches_diffusers_tiling() {
     println!("mean |tiled − untiled|: ours {ours:.4e}, diffusers {theirs:.4e}");
     assert!(ours <= theirs + VAE_F32_TOL as f64, "tiling moved the decode by {ours:.4e} on average, diffusers' by {theirs:.4e}");
     // A tile as large as the latents is the untiled decode.
-    let whole = values(dec.forward_tiled(refs.tensor::<4>("latents", &dev).div_scalar(f.vae.scaling_factor), 32, &mut NoProbe));
+    let whole = values(dec.forward_tiled(refs.tensor::<4>("latents", &dev).div_scalar(f.configs.vae.scaling_factor), 32, &mut NoProbe));
     assert_eq!(whole, untiled);
 }
 
@@ -151,42 +141,105 @@ fn storage_modes_and_streaming_are_bit_identical() {
     let case = "s4_g7_64x96";
     let (_dir, f) = bf16_copy("base");
     let f32_stored = run_stored(&f, "base", case, &dev, WeightsChoice::F32, |_| {});
-    assert_eq!(f32_stored.plan.storage, WeightStorageName::Compute);
+    assert_eq!(f32_stored.plan.storage, WeightStorage::Compute);
     let bf16_stored = run_stored(&f, "base", case, &dev, WeightsChoice::Auto, |_| {});
-    assert_eq!(bf16_stored.plan.storage, WeightStorageName::Bf16, "{}", bf16_stored.plan.storage_reason);
+    assert_eq!(bf16_stored.plan.storage, WeightStorage::Bf16, "{}", bf16_stored.plan.storage_reason);
     assert_identical("bf16-stored vs f32-stored", &f32_stored, &bf16_stored);
     let streamed = run_stored(&f, "base", case, &dev, WeightsChoice::Auto, |p| {
-        p.dit_mode = WeightsMode::Streamed;
-        p.text_mode = WeightsMode::Streamed;
+        p.denoise.mode = Residency::Streamed;
+        p.text.mode = Residency::Streamed;
     });
     assert_identical("streamed vs resident", &bf16_stored, &streamed);
     // An f32 checkpoint stays in f32 under auto: bf16 would round it.
     let req = cogview_tests::stages::request("base", case);
-    let p = plan(&folder("base"), &dev, DType::F32, &req).unwrap();
-    assert_eq!(p.storage, WeightStorageName::Compute, "{}", p.storage_reason);
+    let p = f32_pipeline(folder("base"), &dev, Options::default()).plan(&[req]).unwrap();
+    assert_eq!(p.storage, WeightStorage::Compute, "{}", p.storage_reason);
 }
 
 /// A batch runs each stage once for all its images: 3 prompts × 2 seeds encode 3 prompts, and
 /// each image is the one its request gives alone.
 #[test]
 fn batch_encodes_each_prompt_once() {
+    use cogview_runtime::Request;
     use cogview_runtime::batch::{expand, parse_prompts};
-    use cogview_runtime::pipeline::{Guarding, Quiet, Request, generate, generate_batch};
-    use cogview_runtime::precision::{ComputeDtype, Precision, PrecisionDecision};
-    let f = folder("base");
-    let dev = Device::flex();
     let lines = parse_prompts("a red apple\n{\"prompt\": \"a green pear\", \"seed\": 100}\n{\"prompt\": \"a plum\", \"negative_prompt\": \"blurry\"}").unwrap();
     let mut defaults = Request::new("");
     (defaults.steps, defaults.width, defaults.height, defaults.seed) = (2, 64, 64, 7);
     let items = expand(&lines, 2, &defaults);
     let requests: Vec<Request> = items.iter().map(|i| i.request.clone()).collect();
-    let guard = Guarding::new(PrecisionDecision::fixed(Precision::F32, ComputeDtype::F32));
-    let p = plan(&f, &dev, DType::F32, &requests[0]).unwrap();
-    let batch = generate_batch(&f, &dev, &guard, &requests, &p, &mut Quiet).unwrap();
+    let mut pipeline = f32_pipeline(folder("base"), &Device::flex(), Options::default());
+    let batch = pipeline.generate_batch(&requests, &mut Quiet).unwrap();
     // The plum's negative prompt is encoded too: 3 prompts + 1 negative prompt.
     assert_eq!(batch.encoder_calls, 4);
     assert_eq!(batch.outputs.len(), 6);
-    let alone = generate(&f, &dev, &guard, &requests[3], &p, &mut Quiet).unwrap();
+    let alone = pipeline.generate(&requests[3], &mut Quiet).unwrap();
     assert_eq!(batch.outputs[3].rgb, alone.rgb, "batched == alone");
     assert_ne!(batch.outputs[2].rgb, batch.outputs[3].rgb, "seeds 100 and 101 differ");
+}
+
+/// A request of the base fixture: 2 steps at 64x64.
+fn small(prompt: &str, seed: u64) -> cogview_runtime::Request {
+    let mut r = cogview_runtime::Request::new(prompt);
+    (r.steps, r.width, r.height, r.seed) = (2, 64, 64, seed);
+    r
+}
+
+/// One loaded pipeline makes two images and reads its weights from disk once: with
+/// `keep_loaded`, every component stays on the device after its stage (the tiny model fits).
+/// Without it each run reads them again. Both give the images a fresh pipeline gives.
+#[test]
+fn a_loaded_pipeline_reads_its_weights_once() {
+    let dev = Device::flex();
+    let mut kept = f32_pipeline(folder("base"), &dev, Options { keep_loaded: true, ..Options::default() });
+    assert_eq!(kept.bytes_read(), 0, "nothing is read before a stage needs it");
+    let plan = kept.plan(&[small("a red apple", 1)]).unwrap();
+    assert!(plan.keep.text && plan.keep.transformer && plan.keep.vae, "{:?}", plan.keep);
+    let a = kept.generate(&small("a red apple", 1), &mut Quiet).unwrap();
+    let first = kept.bytes_read();
+    assert!(first > 0);
+    let b = kept.generate(&small("a green pear", 2), &mut Quiet).unwrap();
+    assert_eq!(kept.bytes_read(), first, "the second image read nothing from disk");
+
+    let mut one_shot = f32_pipeline(folder("base"), &dev, Options::default());
+    let a2 = one_shot.generate(&small("a red apple", 1), &mut Quiet).unwrap();
+    assert_eq!(one_shot.bytes_read(), first, "a run reads each weight once");
+    let b2 = one_shot.generate(&small("a green pear", 2), &mut Quiet).unwrap();
+    assert_eq!(one_shot.bytes_read(), 2 * first, "without keep_loaded each run reads them again");
+    assert_eq!(a.rgb, a2.rgb);
+    assert_eq!(b.rgb, b2.rgb);
+    assert_ne!(a.rgb, b.rgb);
+}
+
+/// A caller that cancels once the denoising has done `after` steps.
+struct CancelAfter {
+    after: usize,
+    stage: Option<cogview_runtime::Stage>,
+    done: usize,
+}
+
+impl cogview_runtime::Progress for CancelAfter {
+    fn stage(&mut self, stage: cogview_runtime::Stage, _steps: usize) {
+        (self.stage, self.done) = (Some(stage), 0);
+    }
+    fn step(&mut self, done: usize, _elapsed: std::time::Duration) {
+        self.done = done;
+    }
+    fn cancelled(&self) -> bool {
+        self.stage == Some(cogview_runtime::Stage::Transformer) && self.done >= self.after
+    }
+}
+
+/// A cancelled request stops before its next step with an error saying where, and the
+/// pipeline goes on serving.
+#[test]
+fn a_cancelled_request_stops_between_steps() {
+    use cogview_runtime::{RuntimeError, Stage};
+    let mut p = f32_pipeline(folder("base"), &Device::flex(), Options { keep_loaded: true, ..Options::default() });
+    let mut r = small("a red apple", 1);
+    r.steps = 4;
+    let err = p.generate(&r, &mut CancelAfter { after: 1, stage: None, done: 0 }).unwrap_err();
+    assert!(matches!(err, RuntimeError::Cancelled { stage: Stage::Transformer, step: Some(1) }), "{err}");
+    assert_eq!(err.to_string(), "cancelled in the transformer before step 1");
+    let out = p.generate(&r, &mut Quiet).unwrap();
+    assert_eq!(out.step_seconds.len(), 4);
 }

@@ -2,7 +2,7 @@
 
 use burn::tensor::{DType, Device};
 use cogview_runtime::import::PromptTokenizer;
-use cogview_runtime::text::WeightsMode;
+use cogview_runtime::plan::Residency;
 use cogview_tests::stages::{T5_BF16_TOL, T5_F32_TOL, encode};
 use cogview_tests::{Refs, assert_close, fixture, pipeline};
 
@@ -67,7 +67,7 @@ fn prompt_embeddings_match_transformers_f32() {
     for variant in ["base", "wide"] {
         let refs = Refs::open(variant, "text_encoder");
         for len in [224, 16] {
-            let (got, _) = encode(variant, &Device::flex(), DType::F32, WeightsMode::Resident, len);
+            let (got, _) = encode(variant, &Device::flex(), DType::F32, Residency::Resident, len);
             assert_close(&format!("{variant} T5 f32 len {len}"), &got, &refs.f32(&format!("prompt_embeds.len{len}")), T5_F32_TOL);
         }
     }
@@ -75,8 +75,8 @@ fn prompt_embeddings_match_transformers_f32() {
 
 #[test]
 fn streamed_equals_resident() {
-    let (resident, _) = encode("wide", &Device::flex(), DType::F32, WeightsMode::Resident, 16);
-    let (streamed, _) = encode("wide", &Device::flex(), DType::F32, WeightsMode::Streamed, 16);
+    let (resident, _) = encode("wide", &Device::flex(), DType::F32, Residency::Resident, 16);
+    let (streamed, _) = encode("wide", &Device::flex(), DType::F32, Residency::Streamed, 16);
     assert_eq!(resident, streamed);
 }
 
@@ -85,7 +85,7 @@ fn streamed_equals_resident() {
 #[test]
 fn prompt_embeddings_bf16() {
     let refs = Refs::open("base", "dtypes");
-    let (got, _) = encode("base", &Device::flex(), DType::BF16, WeightsMode::Resident, 224);
+    let (got, _) = encode("base", &Device::flex(), DType::BF16, Residency::Resident, 224);
     let first = &got[..224 * 32];
     assert_close("base T5 bf16", first, &refs.f32("bfloat16.prompt_embeds"), T5_BF16_TOL);
 }

@@ -2,8 +2,8 @@
 """Write the real CogView3-Plus-3B layout without its weights: each component's config file and
 the full list of checkpoint keys with shapes, as diffusers/transformers name them.
 
-The modules are built on torch's meta device from the real configs (shared spec
-`spec/cogview3plus.md` §2.1, §3.1, §4.1, §5.1), so nothing is downloaded or allocated.
+The modules are built on torch's meta device from the real configs (those of the
+THUDM/CogView3-Plus-3B repository), so nothing is downloaded or allocated.
 
 Usage: python tools/real_layout.py --out tests/fixtures/real
 """

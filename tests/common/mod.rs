@@ -6,7 +6,9 @@ pub mod stages;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
-use cogview_runtime::device::{self, AdapterType, Api};
+use cogview_runtime::device::{self, AdapterType, Api, Compiler};
+use cogview_runtime::precision::PrecisionDecision;
+use cogview_runtime::Target;
 
 /// `tests/fixtures/<name>`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -64,6 +66,12 @@ impl Refs {
         }
     }
 
+    pub fn u8(&self, key: &str) -> Vec<u8> {
+        let v = self.view(key);
+        assert_eq!(v.dtype(), safetensors::Dtype::U8, "{key}");
+        v.data().to_vec()
+    }
+
     pub fn i64(&self, key: &str) -> Vec<i64> {
         let v = self.view(key);
         assert_eq!(v.dtype(), safetensors::Dtype::I64, "{key}");
@@ -106,13 +114,24 @@ pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// Mesa's lavapipe through burn's WGSL compiler: the software Vulkan adapter CI has. Fails
 /// (never skips) when it is missing: CI installs it (`.ci/run`).
 pub fn lavapipe() -> (device::AdapterInfo, Device) {
-    let adapters = device::enumerate();
+    let adapters = device::enumerate(device::Scope::Compute);
     let adapter = adapters
         .into_iter()
         .find(|a| a.api == Api::Vulkan && a.adapter_type == AdapterType::Software)
         .expect("no software Vulkan adapter: install mesa-vulkan-drivers (see .ci/run)");
     let dev = device::open(&adapter).expect("lavapipe starts");
     (adapter, dev)
+}
+
+/// The run target of a test device (burn's CPU backend or lavapipe), computing as `precision`
+/// says without the policy.
+pub fn target_on(device: &Device, precision: PrecisionDecision) -> Target {
+    if device::capabilities(device).compiler == Compiler::Native {
+        Target::cpu(precision)
+    } else {
+        let (adapter, dev) = lavapipe();
+        Target::new(adapter, dev, precision)
+    }
 }
 
 /// Copies a folder tree (to break a fixture in a test without touching the original).

@@ -7,12 +7,14 @@ use cogview_runtime::memory::PeakMemory;
 use cogview_runtime::models::NoProbe;
 use cogview_runtime::models::dit::{AttentionLimits, Dit, SizeCondition};
 use cogview_runtime::models::vae::Decoder;
-use cogview_runtime::pipeline::{Guarding, Output, Quiet, Request, generate, plan};
-use cogview_runtime::plan::{Plan, WeightsChoice};
+use cogview_runtime::pipeline::Model;
+use cogview_runtime::plan::{Plan, Residency, WeightsChoice};
 use cogview_runtime::precision::{ComputeDtype, Precision, PrecisionDecision};
-use cogview_runtime::text::{TextEncoder, WeightsMode};
+use cogview_runtime::source::Source;
+use cogview_runtime::text::TextEncoder;
+use cogview_runtime::{Options, Output, Pipeline, Quiet, Request};
 
-use crate::{Refs, assert_close, fixture, pipeline, values};
+use crate::{Refs, assert_close, fixture, pipeline, target_on, values};
 
 /// T5 in f32 against transformers' f32 on the CPU: the same math in another summation order
 /// (torch's GEMM vs burn-flex's, and softmax/RMS reductions); measured differences are ~1e-6 of
@@ -23,15 +25,19 @@ pub const T5_F32_TOL: f32 = 1e-4;
 /// ~10 roundings per block in a different order than torch: measured about 1e-2 of the scale.
 pub const T5_BF16_TOL: f32 = 4e-2;
 
-pub fn encode(variant: &str, device: &Device, dtype: DType, mode: WeightsMode, len: usize) -> (Vec<f32>, PeakMemory) {
-    let folder = ModelFolder::open(pipeline(variant).to_str().unwrap()).unwrap();
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(variant).join("refs/manifest.json")).unwrap()).unwrap();
-    let prompts: Vec<String> = serde_json::from_value(manifest["prompts"].clone()).unwrap();
+/// A fixture's configs and checkpoints, opened.
+pub fn model(variant: &str) -> Model {
+    let folder = folder(variant);
+    Model { configs: folder.configs.clone(), source: Source::folder(folder).unwrap() }
+}
+
+pub fn encode(variant: &str, device: &Device, dtype: DType, mode: Residency, len: usize) -> (Vec<f32>, PeakMemory) {
+    let model = model(variant);
+    let prompts: Vec<String> = serde_json::from_value(manifest(variant)["prompts"].clone()).unwrap();
     let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let encoder = TextEncoder::open(&folder, device, dtype, mode).unwrap();
+    let encoder = TextEncoder::load(&model, device, dtype, mode).unwrap();
     let mut peak = PeakMemory::default();
-    let h = encoder.encode(&prompts, len, &mut peak, &mut NoProbe).unwrap();
+    let h = encoder.encode(&model, &prompts, len, &mut peak, &mut NoProbe).unwrap();
     (values(h), peak)
 }
 
@@ -47,7 +53,7 @@ pub const DIT_BF16_TOL: f32 = 5e-2;
 pub fn load_dit(variant: &str, device: &Device, dtype: DType) -> (ModelFolder, Dit) {
     let folder = ModelFolder::open(pipeline(variant).to_str().unwrap()).unwrap();
     let (ck, _) = folder.open_weights(Component::Transformer).unwrap();
-    let dit = Loader::new(&ck, Component::Transformer, device, |_| dtype).load(|w| Dit::load(w, &folder.transformer)).unwrap().0;
+    let dit = Loader::new(&ck, Component::Transformer, device, move |_| dtype).load(|w| Dit::load(w, &folder.configs.transformer)).unwrap().0;
     (folder, dit)
 }
 
@@ -130,12 +136,15 @@ pub fn request(variant: &str, case: &str) -> Request {
     r
 }
 
+/// A fixture's pipeline on `device`, computing in f32.
+pub fn f32_pipeline(f: ModelFolder, device: &Device, options: Options) -> Pipeline {
+    let target = target_on(device, PrecisionDecision::fixed(Precision::F32, ComputeDtype::F32));
+    Pipeline::load(f, target, options).unwrap()
+}
+
 pub fn run_case(variant: &str, case: &str, device: &Device) {
-    let f = folder(variant);
     let req = request(variant, case);
-    let guard = Guarding::new(PrecisionDecision::fixed(Precision::F32, ComputeDtype::F32));
-    let plan = plan(&f, device, DType::F32, &req).unwrap();
-    let out = generate(&f, device, &guard, &req, &plan, &mut Quiet).unwrap();
+    let out = f32_pipeline(folder(variant), device, Options::default()).generate(&req, &mut Quiet).unwrap();
     let refs = Refs::open(variant, "pipeline");
     let t = out.tensors.unwrap();
     assert_eq!(t.step_latents.1, refs.shape(&format!("{case}.step_latents")));
@@ -152,9 +161,9 @@ pub fn run_case(variant: &str, case: &str, device: &Device) {
 pub fn decode_case(variant: &str, case: &str, device: &Device) {
     let f = folder(variant);
     let (ck, _) = f.open_weights(Component::Vae).unwrap();
-    let dec = Loader::new(&ck, Component::Vae, device, |_| DType::F32).load(|w| Decoder::load(w, &f.vae)).unwrap().0;
+    let dec = Loader::new(&ck, Component::Vae, device, |_| DType::F32).load(|w| Decoder::load(w, &f.configs.vae)).unwrap().0;
     let refs = Refs::open(variant, "vae");
-    let z = refs.tensor::<4>(&format!("{case}.latents"), device).div_scalar(f.vae.scaling_factor);
+    let z = refs.tensor::<4>(&format!("{case}.latents"), device).div_scalar(f.configs.vae.scaling_factor);
     let out = dec.forward(z, &mut NoProbe);
     assert_close(&format!("{variant} vae {case}"), &values(out), &refs.f32(&format!("{case}.decoded")), VAE_F32_TOL);
 }
@@ -184,12 +193,11 @@ pub fn bf16_copy(variant: &str) -> (tempfile::TempDir, ModelFolder) {
 /// A reference case of `variant` on `f` in f32 with `--weights weights`, its plan edited by
 /// `edit` (to force streaming or tiling).
 pub fn run_stored(f: &ModelFolder, variant: &str, case: &str, device: &Device, weights: WeightsChoice, edit: impl FnOnce(&mut Plan)) -> Output {
-    let mut req = request(variant, case);
-    req.weights = weights;
-    let guard = Guarding::new(PrecisionDecision::fixed(Precision::F32, ComputeDtype::F32));
-    let mut plan = plan(f, device, DType::F32, &req).unwrap();
+    let req = request(variant, case);
+    let mut pipeline = f32_pipeline(f.clone(), device, Options { weights, ..Options::default() });
+    let mut plan = pipeline.plan(std::slice::from_ref(&req)).unwrap();
     edit(&mut plan);
-    generate(f, device, &guard, &req, &plan, &mut Quiet).unwrap()
+    pipeline.run(std::slice::from_ref(&req), &plan, &mut Quiet).unwrap().outputs.pop().unwrap()
 }
 
 /// Two runs that must agree to the bit: pixels, latents of every step, the float image.

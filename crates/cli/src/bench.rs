@@ -1,19 +1,17 @@
 //! `cogview bench`: stage timings and peak memory on random weights.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
 use cogview_runtime::bench::{BenchReport, BenchSettings, bench};
 use cogview_runtime::import::ModelFolder;
-use cogview_runtime::models::dit::DitConfig;
-use cogview_runtime::models::t5::T5Config;
-use cogview_runtime::models::vae::VaeConfig;
+use cogview_runtime::models::Configs;
 use cogview_runtime::plan::{WeightsChoice, human, parse_size};
 
 use crate::DeviceArgs;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Preset {
-    /// The tiny test model (tests/fixtures/base).
+    /// A tiny model of the same architecture (the shape of the tests' base fixture).
     Tiny,
     /// The real CogView3-Plus-3B configuration.
     Full,
@@ -22,6 +20,8 @@ enum Preset {
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Stage {
     Text,
+    /// img2img's VAE encoder, on a random picture of the bench's size.
+    Encode,
     Denoise,
     Decode,
 }
@@ -56,8 +56,9 @@ pub struct BenchArgs {
     /// else 8 GiB).
     #[arg(long, value_parser = parse_size)]
     max_memory: Option<u64>,
-    /// Stages to run, comma-separated: text, denoise, decode (default all). Without text the
-    /// transformer gets random embeddings.
+    /// Stages to run, comma-separated: text, encode (img2img's VAE encoder), denoise, decode
+    /// (default: a text-to-image run's). Without text the transformer gets random embeddings,
+    /// without denoise the decoder random latents.
     #[arg(long, value_delimiter = ',', default_value = "text,denoise,decode")]
     stages: Vec<Stage>,
     /// Print JSON instead of a table.
@@ -67,34 +68,14 @@ pub struct BenchArgs {
     device: DeviceArgs,
 }
 
-const TINY: [&str; 3] = [
-    include_str!("../../../tests/fixtures/base/pipeline/text_encoder/config.json"),
-    include_str!("../../../tests/fixtures/base/pipeline/transformer/config.json"),
-    include_str!("../../../tests/fixtures/base/pipeline/vae/config.json"),
-];
-const FULL: [&str; 3] = [
-    include_str!("../../../tests/fixtures/real/text_encoder/config.json"),
-    include_str!("../../../tests/fixtures/real/transformer/config.json"),
-    include_str!("../../../tests/fixtures/real/vae/config.json"),
-];
-
 pub fn run(args: BenchArgs) -> Result<()> {
-    let (t5, dit, vae): (T5Config, DitConfig, VaeConfig) = match &args.config {
-        Some(dir) => {
-            let f = ModelFolder::open(dir)?;
-            (f.text_encoder, f.transformer, f.vae)
-        }
-        None => {
-            let c = match args.preset {
-                Preset::Tiny => TINY,
-                Preset::Full => FULL,
-            };
-            (serde_json::from_str(c[0])?, serde_json::from_str(c[1])?, serde_json::from_str(c[2])?)
-        }
+    let configs = match &args.config {
+        Some(dir) => ModelFolder::open(dir)?.configs,
+        None => match args.preset {
+            Preset::Tiny => Configs::tiny(),
+            Preset::Full => Configs::cogview3_plus_3b(),
+        },
     };
-    if args.steps == 0 {
-        bail!("--steps must be at least 1");
-    }
     let target = cogview_runtime::target(args.device.device, args.device.backend, args.device.precision)?;
     let settings = BenchSettings {
         width: args.width,
@@ -105,10 +86,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         cfg: !args.no_cfg,
         weights: args.weights,
         max_memory: args.max_memory,
-        max_binding: target.adapter.max_storage_binding_size,
-        stages: [Stage::Text, Stage::Denoise, Stage::Decode].map(|s| args.stages.contains(&s)),
+        stages: [Stage::Text, Stage::Encode, Stage::Denoise, Stage::Decode].map(|s| args.stages.contains(&s)),
     };
-    let report = bench(&t5, &dit, &vae, &settings, &target.device, target.precision.dtype.dtype());
+    let report = bench(&configs, &settings, &target)?;
     let json = serde_json::json!({
         "device": target.adapter.label(),
         "compiler": target.capabilities.compiler,
@@ -132,18 +112,18 @@ fn table(r: &BenchReport, device: &str, precision: &str) -> String {
     );
     s += &format!("{:<18}{:>10}{:>14}{:>14}{:>16}{:>14}  {}\n", "stage", "seconds", "peak in use", "reserved", "full depth", "plan", "mode");
     let rows = [
-        ("T5", r.t5_seconds, &r.t5_peak, r.t5_peak_full_depth, &p.text),
-        ("DiT first step", r.first_step_seconds, &r.dit_peak, r.dit_peak_full_depth, &p.denoise),
-        ("VAE decode", r.vae_seconds, &r.vae_peak, r.vae_peak_full_depth, &p.decode),
+        ("T5", r.t5_seconds, &r.t5_peak, r.t5_peak_full_depth, p.text.peak_bytes, p.text.mode.to_string()),
+        ("VAE encode", r.encode_seconds, &r.encode_peak, r.encode_peak.in_use, p.encode_image.map_or(0, |e| e.peak_bytes), p.encode_image.map_or("-".into(), |e| e.mode.to_string())),
+        ("DiT first step", r.first_step_seconds, &r.dit_peak, r.dit_peak_full_depth, p.denoise.peak_bytes, p.denoise.mode.to_string()),
+        ("VAE decode", r.vae_seconds, &r.vae_peak, r.vae_peak_full_depth, p.decode.peak_bytes, p.decode.mode.to_string()),
     ];
-    for (name, secs, peak, full, plan) in rows {
+    for (name, secs, peak, full, plan, mode) in rows {
         s += &format!(
-            "{name:<18}{secs:>10.3}{:>14}{:>14}{:>16}{:>14}  {}\n",
+            "{name:<18}{secs:>10.3}{:>14}{:>14}{:>16}{:>14}  {mode}\n",
             mib(peak.in_use),
             mib(peak.reserved),
             mib(full),
-            human(plan.peak_bytes),
-            plan.mode
+            human(plan)
         );
     }
     s += &format!("{:<18}{:>10.3}\n", "DiT median step", r.median_step_seconds);

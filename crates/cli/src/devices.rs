@@ -13,11 +13,15 @@ pub struct DevicesArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also list GL adapters (not probed otherwise: starting EGL prints driver messages on
+    /// machines without a display session, and cogview never prefers GL).
+    #[arg(long)]
+    all: bool,
 }
 
 pub fn run(args: DevicesArgs) -> Result<()> {
     let d = &args.device;
-    let survey = survey(d.device, d.backend, d.precision);
+    let survey = survey(d.device, d.backend, d.precision, args.all);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&survey)?);
     } else {

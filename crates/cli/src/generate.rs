@@ -6,14 +6,16 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use cogview_runtime::Target;
 use cogview_runtime::batch::{Item, PromptLine, expand, output_paths, read_prompts};
 use cogview_runtime::guard::CheckFinite;
 use cogview_runtime::import::ModelFolder;
 use cogview_runtime::import::hub::Files;
+use cogview_runtime::init_image::InitImage;
+use cogview_runtime::metadata::Settings;
 use cogview_runtime::output::{read_latents, save_png, save_tensors};
-use cogview_runtime::pipeline::{Guarding, Output, Progress, Request, generate_batch};
+use cogview_runtime::pipeline::plan_folder;
 use cogview_runtime::plan::{Plan, WeightsChoice, human, parse_size};
+use cogview_runtime::{ComputeDtype, Field, Options, Output, Pipeline, Progress, Request, Stage, Target};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::DeviceArgs;
@@ -31,38 +33,44 @@ pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// What to draw.
-    #[arg(long, short, required_unless_present = "prompts", conflicts_with = "prompts")]
+    #[arg(long, short, required_unless_present_any = ["prompts", "from"], conflicts_with = "prompts")]
     prompt: Option<String>,
+    /// Make an image again: the seed, steps, guidance, size, prompts, precision and model
+    /// written in a cogview PNG (`cogview info` shows them). Flags given as well override them.
+    #[arg(long, value_name = "IMAGE.png", conflicts_with = "prompts")]
+    from: Option<PathBuf>,
     /// A file of prompts: one per line, or JSON Lines ({"prompt": …} with optional
-    /// "negative_prompt", "seed", "steps", "guidance", "width", "height" overriding the flags).
-    /// Empty lines and lines starting with # are skipped.
+    /// "negative_prompt", "seed", "steps", "guidance", "width", "height", "init_image" (relative
+    /// to the file's folder) and "strength" overriding the flags). Empty lines and lines
+    /// starting with # are skipped.
     #[arg(long, value_name = "FILE")]
     prompts: Option<PathBuf>,
     /// Images per prompt, with seeds SEED, SEED+1, … (SEED: the line's own, else --seed).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     count: u32,
     /// What to steer away from. Without it the unconditional embedding is zeros (as diffusers).
-    #[arg(long)]
+    #[arg(long, short = 'n')]
     negative_prompt: Option<String>,
     /// Denoising steps (the model card uses 50).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, visible_alias = "num-inference-steps")]
     steps: usize,
     /// Classifier-free guidance scale (the model card uses 7.0); 1 or less turns guidance off
     /// (half the compute).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, visible_aliases = ["cfg-scale", "guidance-scale"])]
     guidance: f32,
     /// Image width in pixels: a multiple of 16 up to 2048; the model card recommends 512–2048,
     /// multiples of 32, width × height ≤ 2^21.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, short = 'W', default_value_t = 1024)]
     width: usize,
     /// Image height in pixels (as --width).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, short = 'H', default_value_t = 1024)]
     height: usize,
     /// Seed of the initial noise (ChaCha8 + standard normal on the CPU: the same image on every
     /// device). Random, and printed, when not given.
-    #[arg(long)]
+    #[arg(long, short = 's')]
     seed: Option<u64>,
-    /// Prompt tokens given to the text encoder (longer prompts are truncated, with a warning).
+    /// Prompt tokens given to the text encoder, 1 to 224 (longer prompts are truncated, with a
+    /// warning).
     #[arg(long, default_value_t = 224)]
     max_sequence_length: usize,
     /// Size conditioning `H,W` (default: the output size).
@@ -72,9 +80,18 @@ pub struct GenerateArgs {
     #[arg(long, value_parser = pair, default_value = "0,0")]
     crop_coords: [usize; 2],
     /// Initial latents: a safetensors file with one tensor `latents` [1,16,H/8,W/8], any float
-    /// dtype, instead of seeded noise.
+    /// dtype, instead of seeded noise (with --init-image: the noise added to the picture).
     #[arg(long)]
     latents: Option<PathBuf>,
+    /// img2img: start from this picture (PNG, JPEG or WebP; RGB, RGBA or gray, alpha
+    /// dropped). The image is made at the picture's size unless --width/--height say otherwise
+    /// (it is then resized with Lanczos, as PIL does).
+    #[arg(long, short = 'i', visible_alias = "init-img", value_name = "FILE")]
+    init_image: Option<PathBuf>,
+    /// img2img: how much of the schedule runs, 0 to 1: 1 starts from noise (the picture is
+    /// only a hint of its size), 0 runs no step and returns the picture through the VAE.
+    #[arg(long, default_value_t = cogview_runtime::request::DEFAULT_STRENGTH)]
+    strength: f64,
     /// Also write DIR/tensors.safetensors (f32 prompt_embeds, negative_prompt_embeds,
     /// step_latents, image); one image only.
     #[arg(long, value_name = "DIR")]
@@ -108,24 +125,41 @@ pub struct GenerateArgs {
     device: DeviceArgs,
 }
 
-/// One bar per stage on a terminal; log lines otherwise.
+/// One bar per stage on a terminal; log lines otherwise; nothing with `-q`.
 struct Bars {
     bar: Option<ProgressBar>,
     terminal: bool,
+    quiet: bool,
     stage: &'static str,
     total: usize,
 }
 
+/// A rate as people read it: `2.5 it/s`, or `4.0 s/it` below one step a second.
+fn rate(per_second: f64) -> String {
+    if per_second >= 1.0 || per_second <= 0.0 {
+        format!("{per_second:.2} it/s")
+    } else {
+        format!("{:.1} s/it", 1.0 / per_second)
+    }
+}
+
 impl Progress for Bars {
-    fn stage(&mut self, name: &'static str, steps: usize) {
+    fn stage(&mut self, stage: Stage, steps: usize) {
         if let Some(b) = self.bar.take() {
             b.finish();
         }
+        let name = stage.short();
         self.stage = name;
         self.total = steps;
+        if self.quiet {
+            return;
+        }
         if self.terminal {
-            let style = ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {elapsed}")
+            let style = ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {rate} eta {eta} {elapsed}")
                 .expect("valid template")
+                .with_key("rate", |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = w.write_str(&rate(s.per_sec()));
+                })
                 .progress_chars("=> ");
             let bar = ProgressBar::new(steps as u64).with_style(style).with_prefix(name);
             bar.enable_steady_tick(Duration::from_millis(200));
@@ -136,12 +170,15 @@ impl Progress for Bars {
     }
 
     fn step(&mut self, done: usize, elapsed: Duration) {
+        if self.quiet {
+            return;
+        }
         match &self.bar {
             Some(b) => b.set_position(done as u64),
             None if self.total > 1 => {
-                let rate = done as f64 / elapsed.as_secs_f64().max(1e-9);
-                let eta = (self.total - done) as f64 / rate.max(1e-9);
-                tracing::info!("{} {done}/{}: {rate:.2} it/s, eta {eta:.0} s", self.stage, self.total);
+                let per_second = done as f64 / elapsed.as_secs_f64().max(1e-9);
+                let eta = (self.total - done) as f64 / per_second.max(1e-9);
+                tracing::info!("{} {done}/{}: {}, eta {eta:.0} s", self.stage, self.total, rate(per_second));
             }
             None => tracing::info!("{} done in {:.1} s", self.stage, elapsed.as_secs_f64()),
         }
@@ -154,14 +191,60 @@ impl Progress for Bars {
     }
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
-    if args.max_sequence_length == 0 {
-        bail!("--max-sequence-length must be at least 1");
+/// `--from IMAGE.png`: the settings of the image fill in every flag not given (`explicit`
+/// says which were, on the command line or in the environment).
+/// Returns the dtype the image was computed in, when `--precision` was not given.
+fn apply_from(args: &mut GenerateArgs, explicit: &dyn Fn(&str) -> bool) -> Result<Option<ComputeDtype>> {
+    let Some(path) = args.from.clone() else { return Ok(None) };
+    let s = Settings::read_png(&path)?;
+    if s.latents.is_some() && args.latents.is_none() {
+        bail!("{} was made from --latents {}: pass --latents FILE to make it again", path.display(), s.latents.unwrap_or_default());
     }
+    if let Some(init) = &s.init_image {
+        if args.init_image.is_none() {
+            bail!("{} was made from the init image {}: pass --init-image FILE to make it again", path.display(), init.name);
+        }
+        if !explicit("strength") {
+            args.strength = init.strength;
+        }
+    }
+    args.prompt.get_or_insert(s.prompt);
+    macro_rules! fill {
+        ($($field:ident = $value:expr),+ $(,)?) => {$(
+            if !explicit(stringify!($field)) {
+                args.$field = $value;
+            }
+        )+};
+    }
+    fill! {
+        negative_prompt = s.negative_prompt,
+        seed = Some(s.seed),
+        steps = s.steps,
+        guidance = s.guidance,
+        width = s.width,
+        height = s.height,
+        max_sequence_length = s.max_sequence_length,
+        original_size = s.original_size,
+        crop_coords = s.crop_coords,
+    }
+    if !explicit("model") {
+        args.model.model = s.model;
+    }
+    if !explicit("precision") {
+        // What was asked for, so the metadata comes out the same; `run` narrows it to the
+        // dtype the image was computed in if this machine decides otherwise.
+        args.device.precision = s.precision_requested;
+    }
+    Ok(Some(s.precision))
+}
+
+pub fn run(mut args: GenerateArgs, quiet: bool, explicit: &dyn Fn(&str) -> bool) -> Result<()> {
+    let from_dtype = apply_from(&mut args, explicit)?;
     let seed = args.seed.unwrap_or_else(|| {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         t.as_nanos() as u64 % 1_000_000_007
     });
+    let from_file = args.prompts.is_some();
     let lines = match (&args.prompt, &args.prompts) {
         (Some(p), _) => vec![PromptLine { prompt: p.clone(), line: 1, ..Default::default() }],
         (None, Some(file)) => read_prompts(file)?,
@@ -178,9 +261,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     defaults.original_size = args.original_size;
     defaults.crop_coords = args.crop_coords;
     defaults.keep_tensors = args.save_tensors.is_some();
-    defaults.weights = args.weights;
-    defaults.max_memory = args.max_memory;
-    let items = expand(&lines, args.count as usize, &defaults);
+    defaults.strength = args.strength;
+    let mut items = expand(&lines, args.count as usize, &defaults);
     if items.len() > 1 && (args.save_tensors.is_some() || args.latents.is_some()) {
         bail!("--save-tensors and --latents are for one image; this run makes {}", items.len());
     }
@@ -189,29 +271,40 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     });
     let paths = output_paths(&template, &items, args.overwrite)?;
 
+    // `--from` gives the size the image was made at.
+    let sized = |flag| explicit(flag) || args.from.is_some();
+    attach_init_images(&mut items, args.init_image.as_deref(), [sized("width"), sized("height")])?;
     let folder = args.model.open(if args.dry_run { Files::Configs } else { Files::All })?;
-    // Size problems are found before anything is loaded (the warnings come with the output).
-    for item in &items {
-        cogview_runtime::pipeline::check_size(&folder, item.request.width, item.request.height)
-            .with_context(|| format!("prompt line {}", item.line))?;
-    }
     let mut requests: Vec<Request> = items.iter().map(|i| i.request.clone()).collect();
     if let Some(path) = &args.latents {
-        let f = folder.vae.scale_factor();
-        let shape = [1, folder.transformer.in_channels, args.height / f, args.width / f];
-        requests[0].latents = Some(read_latents(path, shape).map_err(anyhow::Error::msg)?);
+        let [c, h, w] = requests[0].latent_shape(&folder.configs);
+        requests[0].latents = Some(read_latents(path, [1, c, h, w]).map_err(anyhow::Error::msg)?);
     }
-    let target = cogview_runtime::target(args.device.device, args.device.backend, args.device.precision)?;
-    for w in &target.warnings {
-        tracing::warn!("{w}");
+    // Every request is checked before anything is loaded (the warnings come with the output).
+    for (item, request) in items.iter().zip(&requests) {
+        let checked = request.validate(&folder.configs).map_err(|e| match (&request.init_image, e.field) {
+            (Some(image), Field::Width | Field::Height) => anyhow::anyhow!(
+                "{e} (the init image {} is {}x{}: pass --width and --height to resize it)",
+                image.name,
+                image.width,
+                image.height
+            ),
+            _ => e.into(),
+        });
+        if from_file {
+            checked.with_context(|| format!("prompt line {}", item.line))?;
+        } else {
+            checked?;
+        }
     }
-    for r in &mut requests {
-        r.max_binding_bytes = target.adapter.max_storage_binding_size;
+    let mut target = cogview_runtime::target(args.device.device, args.device.backend, args.device.precision)?;
+    if let Some(dtype) = from_dtype.filter(|d| *d != target.precision.dtype) {
+        tracing::info!("--from: computing in {dtype} as the image was, not {}", target.precision.dtype);
+        target = cogview_runtime::target(args.device.device, args.device.backend, dtype.into())?;
     }
-    // The plan is made for the largest image of the batch.
-    let largest = requests.iter().max_by_key(|r| r.width * r.height).expect("at least one request");
-    let plan = cogview_runtime::pipeline::plan(&folder, &target.device, target.precision.dtype.dtype(), largest)?;
+    let options = Options { weights: args.weights, max_memory: args.max_memory, check: args.check_finite, ..Options::default() };
     if args.dry_run {
+        let plan = plan_folder(&folder, &target, &options, &requests)?;
         print!("{}", describe_plan(&args, &folder, &target, &plan, &items, &paths));
         return Ok(());
     }
@@ -222,9 +315,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         target.precision.reason,
         requests.len()
     );
-    let mut bars = Bars { bar: None, terminal: std::io::stderr().is_terminal(), stage: "", total: 0 };
-    let guard = Guarding { precision: target.precision.clone(), check: args.check_finite };
-    let batch = generate_batch(&folder, &target.device, &guard, &requests, &plan, &mut bars)?;
+    let mut bars = Bars { bar: None, terminal: std::io::stderr().is_terminal(), quiet, stage: "", total: 0 };
+    let mut pipeline = Pipeline::load(folder, target, options)?;
+    let batch = pipeline.generate_batch(&requests, &mut bars)?;
     let mut shown = Vec::new();
     for ((out, request), path) in batch.outputs.iter().zip(&requests).zip(&paths) {
         for w in &out.warnings {
@@ -233,8 +326,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 shown.push(w.clone());
             }
         }
-        save(&args, &target, out, request, path)?;
-        eprintln!("wrote {} ({}x{}, seed {})", path.display(), out.width, out.height, request.seed);
+        save(&args, pipeline.target(), out, request, path)?;
+        if quiet {
+            println!("{}", path.display());
+        } else {
+            eprintln!("wrote {} ({}x{}, seed {})", path.display(), out.width, out.height, request.seed);
+        }
+    }
+    if quiet {
+        return Ok(());
     }
     let out: &Output = &batch.outputs[0];
     let steps: Vec<f64> = batch.outputs.iter().flat_map(|o| o.step_seconds.iter().copied()).collect();
@@ -255,24 +355,37 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// img2img: each item's init image (its line's, else `--init-image`; each file read once), and
+/// its size where neither its line nor the flags (`given`: width, height) set it.
+fn attach_init_images(items: &mut [Item], default: Option<&std::path::Path>, given: [bool; 2]) -> Result<()> {
+    let mut read: Vec<(PathBuf, InitImage)> = Vec::new();
+    for item in items {
+        let Some(path) = item.init_image.clone().or_else(|| default.map(PathBuf::from)) else { continue };
+        let image = match read.iter().find(|(p, _)| *p == path) {
+            Some((_, image)) => image.clone(),
+            None => {
+                let image = InitImage::open(&path)?;
+                read.push((path, image.clone()));
+                image
+            }
+        };
+        let r = &mut item.request;
+        if !(item.sized[0] || given[0]) {
+            r.width = image.width;
+        }
+        if !(item.sized[1] || given[1]) {
+            r.height = image.height;
+        }
+        r.init_image = Some(image);
+    }
+    Ok(())
+}
+
 /// Writes one image (and `--save-tensors`), with the run's settings in PNG text chunks.
 fn save(args: &GenerateArgs, target: &Target, out: &Output, request: &Request, path: &std::path::Path) -> Result<()> {
-    let mut text = vec![
-        ("prompt".to_string(), request.prompt.clone()),
-        ("negative_prompt".into(), request.negative_prompt.clone().unwrap_or_default()),
-        ("seed".into(), request.seed.to_string()),
-        ("steps".into(), request.steps.to_string()),
-        ("guidance".into(), request.guidance.to_string()),
-        ("size".into(), format!("{}x{}", out.width, out.height)),
-        ("model".into(), args.model.model.clone()),
-        ("precision".into(), target.precision.dtype.to_string()),
-        ("precision_reason".into(), target.precision.reason.clone()),
-        ("adapter".into(), format!("{} ({})", target.adapter.label(), target.capabilities.compiler)),
-        ("software".into(), format!("cogview {}", env!("CARGO_PKG_VERSION"))),
-    ];
-    for f in &out.fallbacks {
-        text.push(("fallback".into(), f.clone()));
-    }
+    let mut settings = Settings::new(request, out, &args.model.model, target);
+    settings.latents = args.latents.as_ref().map(|p| p.display().to_string());
+    let text = settings.png_text();
     if let Some(dir) = &args.save_tensors {
         let t = out.tensors.as_ref().context("tensors were kept")?;
         let path = save_tensors(dir, t)?;
@@ -294,27 +407,11 @@ fn describe_plan(args: &GenerateArgs, folder: &ModelFolder, target: &Target, pla
     for w in &target.precision.warnings {
         s += &format!("            warning: {w}\n");
     }
-    s += &format!("weights     {}: {}\n", plan.storage, plan.storage_reason);
-    s += &format!("budget      {} ({})\n", human(plan.budget.bytes), plan.budget.source);
-    s += &format!("attention   at most {} of scores per call\n", human(plan.attention_scores_bytes));
-    s += &format!("\n{:<10}{:<22}{:>12}{:>14}{:>12}\n", "stage", "mode", "weights", "activations", "peak");
-    for (name, st) in [("encode", &plan.text), ("denoise", &plan.denoise), ("decode", &plan.decode)] {
-        let over = if st.peak_bytes > plan.budget.bytes { "  over budget" } else { "" };
-        s += &format!(
-            "{name:<10}{:<22}{:>12}{:>14}{:>12}{over}\n",
-            st.mode,
-            human(st.weight_bytes),
-            human(st.activation_bytes),
-            human(st.peak_bytes)
-        );
-    }
+    s += &plan.report();
     s += "\n";
-    for w in &plan.warnings {
-        s += &format!("warning     {w}\n");
-    }
     for (item, path) in items.iter().zip(paths) {
         let r = &item.request;
-        let size = match cogview_runtime::pipeline::check_size(folder, r.width, r.height) {
+        let size = match cogview_runtime::request::check_size(&folder.configs, r.width, r.height) {
             Ok(w) if w.is_empty() => "size ok".to_string(),
             Ok(w) => w.join("; "),
             Err(e) => e.to_string(),
@@ -332,4 +429,16 @@ fn describe_plan(args: &GenerateArgs, folder: &ModelFolder, target: &Target, pla
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_steps_read_as_seconds_per_step() {
+        assert_eq!(rate(0.25), "4.0 s/it");
+        assert_eq!(rate(2.5), "2.50 it/s");
+        assert_eq!(rate(1.0), "1.00 it/s");
+    }
 }

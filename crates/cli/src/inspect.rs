@@ -45,7 +45,8 @@ pub fn run(args: InspectArgs) -> Result<()> {
             println!("  ignored    {key}: {reason}");
         }
     }
-    let (t, d, v, s) = (&folder.text_encoder, &folder.transformer, &folder.vae, &folder.scheduler);
+    let c = &folder.configs;
+    let (t, d, v, s) = (&c.text_encoder, &c.transformer, &c.vae, &c.scheduler);
     println!("\nconfig");
     println!("  text_encoder  d_model {}, d_ff {}, {} layers, {} heads × {}, vocab {}, {}", t.d_model, t.d_ff, t.num_layers, t.num_heads, t.d_kv, t.vocab_size, t.feed_forward_proj);
     println!(

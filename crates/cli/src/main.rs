@@ -5,8 +5,10 @@
 mod bench;
 mod devices;
 mod generate;
+mod info;
 mod inspect;
 mod model;
+mod serve;
 mod tokenize;
 
 use std::process::ExitCode;
@@ -17,11 +19,12 @@ use cogview_runtime::{BackendChoice, DeviceChoice, Precision};
 #[derive(Parser)]
 #[command(name = "cogview", version, about, long_about = None)]
 struct Cli {
-    /// More log output (-v: debug, -vv: trace).
+    /// More log output (-v: debug, -vv: trace). COGVIEW_LOG, else RUST_LOG, takes a full
+    /// filter instead (e.g. `cogview=debug,wgpu_hal=warn`).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
-    /// Only errors.
-    #[arg(short, long, global = true)]
+    /// Only errors and the paths of the files written: no progress bars, no summaries.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
     #[command(subcommand)]
     command: Command,
@@ -46,6 +49,11 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Generate images from a prompt or a file of prompts.
     Generate(Box<generate::GenerateArgs>),
+    /// Print the settings a cogview PNG was made with (A1111 `parameters` of other tools' PNGs).
+    Info(info::InfoArgs),
+    /// Load the model once and serve it over HTTP: the OpenAI images API, the AUTOMATIC1111
+    /// API, job progress as server-sent events, and a page to use it at /.
+    Serve(Box<serve::ServeArgs>),
     /// Fetch a model from the hub into the Hugging Face cache (what `generate` does on first
     /// use) and print its folder.
     Download(model::ModelArgs),
@@ -69,7 +77,8 @@ pub struct DeviceArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
         (false, 0) => "info",
@@ -80,12 +89,26 @@ fn main() -> ExitCode {
     // a headless Linux box): noise unless asked for with -v.
     let noise = if cli.verbose > 0 { "warn" } else { "warn,wgpu_hal=off" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("COGVIEW_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{noise},cogview={level}")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
     let result = match cli.command {
         Command::Devices(args) => devices::run(args),
         Command::Inspect(args) => inspect::run(args),
-        Command::Generate(args) => generate::run(*args),
+        Command::Generate(args) => {
+            let sub = matches.subcommand_matches("generate").expect("the generate subcommand");
+            let explicit = |id: &str| {
+                matches!(sub.value_source(id), Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable))
+            };
+            generate::run(*args, cli.quiet, &explicit)
+        }
+        Command::Info(args) => info::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Bench(args) => bench::run(*args),
         Command::Download(args) => args

@@ -126,10 +126,65 @@ fn latents_file(dir: &Path, variant: &str) -> PathBuf {
     path
 }
 
+/// Every text chunk of a PNG (tEXt and iTXt), in order.
 fn png_text(path: &Path) -> Vec<(String, String)> {
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
     let reader = decoder.read_info().unwrap();
-    reader.info().uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect()
+    let info = reader.info();
+    let mut out: Vec<(String, String)> = info.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    out.extend(info.utf8_text.iter().map(|t| (t.keyword.clone(), t.get_text().unwrap())));
+    out
+}
+
+/// The settings cogview wrote into a PNG (its `cogview` chunk).
+fn settings(path: &Path) -> serde_json::Value {
+    let text = png_text(path);
+    let json = text.iter().find(|(k, _)| k == "cogview").unwrap_or_else(|| panic!("no cogview chunk in {text:?}"));
+    serde_json::from_str(&json.1).unwrap()
+}
+
+/// A1111's PNG Info parser (`parse_generation_parameters` in
+/// modules/infotext_utils.py): the lines before `Negative prompt:` are the prompt, the lines
+/// after it the negative prompt, and the last line `Key: value` pairs, a value in double
+/// quotes being a JSON string.
+fn parse_a1111(text: &str) -> (String, String, Vec<(String, String)>) {
+    let mut lines: Vec<&str> = text.trim().split('\n').collect();
+    let last = lines.pop().unwrap();
+    // re_param: `\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)`
+    let mut pairs = Vec::new();
+    let mut rest = last;
+    while !rest.trim().is_empty() {
+        let (key, after) = rest.split_once(':').unwrap();
+        let after = after.trim_start();
+        let (value, next) = if after.starts_with('"') {
+            let mut end = 1;
+            let bytes = after.as_bytes();
+            while bytes[end] != b'"' {
+                end += if bytes[end] == b'\\' { 2 } else { 1 };
+            }
+            let v: String = serde_json::from_str(&after[..=end]).unwrap();
+            (v, after[end + 1..].trim_start_matches(','))
+        } else {
+            let (v, n) = after.split_once(',').unwrap_or((after, ""));
+            (v.trim().to_string(), n)
+        };
+        pairs.push((key.trim().to_string(), value));
+        rest = next;
+    }
+    let (mut prompt, mut negative, mut in_negative) = (String::new(), String::new(), false);
+    for line in lines {
+        let mut line = line.trim();
+        if let Some(n) = line.strip_prefix("Negative prompt:") {
+            in_negative = true;
+            line = n.trim();
+        }
+        let target = if in_negative { &mut negative } else { &mut prompt };
+        if !target.is_empty() {
+            target.push('\n');
+        }
+        target.push_str(line);
+    }
+    (prompt, negative, pairs)
 }
 
 #[test]
@@ -145,18 +200,18 @@ fn generate_writes_a_png_with_metadata_and_tensors() {
     ]);
     assert!(o.status.success());
     assert!(stderr(&o).contains("outside the model card's recommended sizes"));
+    let s = settings(&png);
+    assert!(s["prompt"].as_str().unwrap().starts_with("A photo of a red fox"));
+    assert_eq!(s["negative_prompt"], serde_json::Value::Null);
+    assert_eq!((s["seed"].as_u64(), s["steps"].as_u64(), s["guidance"].as_f64()), (Some(3), Some(4), Some(7.0)));
+    assert_eq!((s["width"].as_u64(), s["height"].as_u64()), (Some(64), Some(64)));
+    assert_eq!(s["precision"], "f32");
+    assert!(s["precision_reason"].as_str().unwrap().contains("emulates bf16"));
+    assert!(s["adapter"].as_str().unwrap().contains("burn-flex"));
+    assert!(s["latents"].as_str().unwrap().ends_with("latents.safetensors"));
     let text = png_text(&png);
-    let get = |k: &str| text.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("no {k} in {text:?}"));
-    assert!(get("prompt").starts_with("A photo of a red fox"));
-    assert_eq!(get("negative_prompt"), "");
-    assert_eq!(get("seed"), "3");
-    assert_eq!(get("steps"), "4");
-    assert_eq!(get("guidance"), "7");
-    assert_eq!(get("size"), "64x64");
-    assert_eq!(get("precision"), "f32");
-    assert!(get("precision_reason").contains("emulates bf16"));
-    assert!(get("adapter").contains("burn-flex"));
-    assert!(get("software").starts_with("cogview "));
+    assert!(text.iter().any(|(k, v)| k == "Software" && v.starts_with("cogview ")));
+    assert!(!text.iter().any(|(k, _)| k == "prompt" || k == "workflow"), "ComfyUI reads those as its own: {text:?}");
     let bytes = std::fs::read(tensors.join("tensors.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.tensor("prompt_embeds").unwrap().shape(), [1, 224, 32]);
@@ -299,14 +354,12 @@ fn batch_of_prompts_with_count_and_template() {
     assert!(stderr(&o).contains("6 image(s); the text encoder ran on 3 prompt(s)"), "{}", stderr(&o));
     let expect = [(0, 7, "a red apple", 64), (1, 8, "a red apple", 64), (2, 100, "a green pear", 64), (3, 101, "a green pear", 64), (4, 7, "a blue plum", 96), (5, 8, "a blue plum", 96)];
     for (index, seed, prompt, width) in expect {
-        let png = dir.path().join(format!("out/{index}-{seed}.png"));
-        let text = png_text(&png);
-        let get = |k: &str| text.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap();
-        assert_eq!(get("seed"), seed.to_string());
-        assert_eq!(get("prompt"), prompt);
-        assert_eq!(get("size"), format!("{width}x64"));
+        let s = settings(&dir.path().join(format!("out/{index}-{seed}.png")));
+        assert_eq!(s["seed"].as_u64(), Some(seed));
+        assert_eq!(s["prompt"], prompt);
+        assert_eq!((s["width"].as_u64(), s["height"].as_u64()), (Some(width), Some(64)));
     }
-    assert_eq!(png_text(&dir.path().join("out/2-100.png")).iter().find(|(k, _)| k == "guidance").unwrap().1, "1");
+    assert_eq!(settings(&dir.path().join("out/2-100.png"))["guidance"].as_f64(), Some(1.0));
     assert_eq!(std::fs::read_dir(dir.path().join("out")).unwrap().count(), 6);
     // Existing files stop the run before any work; --overwrite replaces them.
     let before = std::fs::metadata(dir.path().join("out/0-7.png")).unwrap().modified().unwrap();
@@ -360,4 +413,137 @@ fn help_lists_the_output_placeholders() {
     for p in ["{index}", "{seed}", "{line}", "{image}", "{prompt}"] {
         assert!(help.contains(p), "`generate --help` should show {p}");
     }
+}
+
+/// What other tools read: A1111's `parameters` (parsed as its PNG Info does) gives every
+/// value back, and `cogview info` prints the settings.
+#[test]
+fn png_metadata_reads_back_in_a1111_format_and_with_info() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("fox.png");
+    let o = cogview(&[
+        "generate", "--model", &base(), "--prompt", "a fox, in the snow: at dawn", "--negative-prompt", "blurry, dark",
+        "--steps", "2", "--cfg-scale", "6.5", "-W", "64", "-H", "96", "-s", "42", "--device", "cpu", "-o", png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let text = png_text(&png);
+    let parameters = &text.iter().find(|(k, _)| k == "parameters").expect("a parameters chunk").1;
+    let (prompt, negative, pairs) = parse_a1111(parameters);
+    assert_eq!(prompt, "a fox, in the snow: at dawn");
+    assert_eq!(negative, "blurry, dark");
+    let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("no {k} in {pairs:?}"));
+    assert_eq!(get("Steps"), "2");
+    assert_eq!(get("CFG scale"), "6.5");
+    assert_eq!(get("Seed"), "42");
+    assert_eq!(get("Size"), "64x96");
+    assert_eq!(get("Sampler"), "DDIM");
+    assert_eq!(get("Model"), base());
+    assert!(get("Version").starts_with("cogview "));
+    assert_eq!(get("Precision"), "f32");
+    assert!(get("Adapter").starts_with("burn-flex CPU backend (CPU, cpu)"), "{}", get("Adapter"));
+    let o = cogview(&["info", png.to_str().unwrap()]);
+    assert!(o.status.success());
+    let info = stdout(&o);
+    for line in ["prompt           a fox, in the snow: at dawn", "negative prompt  blurry, dark", "seed             42", "steps            2", "guidance         6.5", "size             64x96"] {
+        assert!(info.contains(line), "`{line}` in\n{info}");
+    }
+    let json: serde_json::Value = serde_json::from_slice(&cogview(&["info", png.to_str().unwrap(), "--json"]).stdout).unwrap();
+    assert_eq!(json["seed"], 42);
+    assert_clean_error(&cogview(&["info", "/no/such.png"]), "/no/such.png");
+}
+
+/// `generate --from` makes the same image again, byte for byte; a flag given as well wins.
+#[test]
+fn generate_from_reruns_an_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first.png");
+    let o = cogview(&[
+        "generate", "--model", &base(), "--prompt", "a red apple", "--negative-prompt", "dull", "--steps", "3", "--guidance", "4",
+        "--width", "96", "--height", "64", "--seed", "5", "--max-sequence-length", "32", "--device", "cpu", "-o", first.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let again = dir.path().join("again.png");
+    let o = cogview(&["generate", "--from", first.to_str().unwrap(), "--model", &base(), "--device", "cpu", "-o", again.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read(&first).unwrap() == std::fs::read(&again).unwrap(), "the same file, metadata included");
+    let other = dir.path().join("other.png");
+    let o = cogview(&["generate", "--from", first.to_str().unwrap(), "--model", &base(), "--seed", "6", "--device", "cpu", "-o", other.to_str().unwrap()]);
+    assert!(o.status.success());
+    let s = settings(&other);
+    assert_eq!((s["seed"].as_u64(), s["steps"].as_u64(), s["width"].as_u64()), (Some(6), Some(3), Some(96)));
+    assert_clean_error(&cogview(&["generate", "--from", "/no/such.png", "--device", "cpu"]), "/no/such.png");
+}
+
+/// Every numeric flag is checked before any work: a non-zero exit naming the flag, one error
+/// line, no panic, no file.
+#[test]
+fn every_bad_number_names_its_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("x.png");
+    let model = base();
+    for (flags, needle) in [
+        (vec!["--guidance", "nan"], "--guidance NaN: must be a finite number"),
+        (vec!["--guidance", "inf"], "--guidance inf"),
+        (vec!["--cfg-scale=-inf"], "--guidance -inf"),
+        (vec!["--steps", "0"], "--steps 0"),
+        (vec!["--steps", "1001"], "--steps 1001: must be between 1 and 1000"),
+        (vec!["--width", "72", "--height", "64"], "--width 72"),
+        (vec!["-W", "64", "-H", "1024"], "--height 1024: at most 512"),
+        (vec!["--max-sequence-length", "0"], "--max-sequence-length 0"),
+        (vec!["--max-sequence-length", "300"], "--max-sequence-length 300: must be between 1 and 224"),
+    ] {
+        let mut args = vec!["generate", "--model", &model, "--prompt", "x", "--device", "cpu", "-o", png.to_str().unwrap()];
+        if !flags.iter().any(|f| ["--width", "-W"].contains(f)) {
+            args.extend(["--width", "64", "--height", "64"]);
+        }
+        args.extend(flags);
+        assert_clean_error(&cogview(&args), needle);
+        assert!(!png.exists());
+    }
+    // clap's own checks name the flag too.
+    let o = cogview(&["generate", "--model", &model, "--prompt", "x", "--count", "0"]);
+    assert!(!o.status.success() && stderr(&o).contains("--count") && !stderr(&o).contains("panicked"));
+    // A JSON Lines batch: the line and the field.
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"a\"}\n{\"prompt\": \"b\", \"guidance_scale\": 1e40}\n").unwrap();
+    let o = cogview(&["generate", "--model", &model, "--prompts", prompts.to_str().unwrap(), "--width", "64", "--height", "64", "--device", "cpu", "-o", "x-{index}.png"]);
+    assert_clean_error(&o, "prompt line 2: --guidance inf");
+}
+
+/// The names users carry over from other tools: `--cfg-scale`, `--guidance-scale`,
+/// `--num-inference-steps`, `-s`, `-W`, `-H`, and `num_inference_steps`/`guidance_scale` in
+/// JSON Lines; `-q` prints the written path and nothing else; `RUST_LOG` is honoured.
+#[test]
+fn familiar_names_quiet_runs_and_rust_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.png");
+    let o = cogview(&[
+        "-q", "generate", "--model", &base(), "--prompt", "x", "--num-inference-steps", "2", "--guidance-scale", "3",
+        "-W", "64", "-H", "64", "-s", "9", "--device", "cpu", "-o", a.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    assert_eq!(stdout(&o).trim(), a.to_str().unwrap());
+    assert_eq!(stderr(&o), "", "-q: nothing but errors");
+    let s = settings(&a);
+    assert_eq!((s["steps"].as_u64(), s["guidance"].as_f64(), s["seed"].as_u64()), (Some(2), Some(3.0), Some(9)));
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"y\", \"num_inference_steps\": 3, \"guidance_scale\": 2.5, \"seed\": 4}\n").unwrap();
+    let b = dir.path().join("b.png");
+    let o = cogview(&["generate", "--model", &base(), "--prompts", prompts.to_str().unwrap(), "-W", "64", "-H", "64", "--device", "cpu", "-o", b.to_str().unwrap()]);
+    assert!(o.status.success());
+    let s = settings(&b);
+    assert_eq!((s["steps"].as_u64(), s["guidance"].as_f64(), s["seed"].as_u64()), (Some(3), Some(2.5), Some(4)));
+    let run = |log: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cogview"));
+        c.args(["generate", "--model", &base(), "--prompt", "x", "--steps", "1", "-W", "64", "-H", "64", "--device", "cpu", "--overwrite", "-o"]);
+        c.arg(&b).env_remove("COGVIEW_LOG");
+        match log {
+            Some(l) => c.env("RUST_LOG", l),
+            None => c.env_remove("RUST_LOG"),
+        };
+        String::from_utf8_lossy(&c.output().unwrap().stderr).into_owned()
+    };
+    assert!(run(None).contains(" INFO "), "info lines by default");
+    let quiet = run(Some("error"));
+    assert!(!quiet.contains(" INFO ") && !quiet.contains(" WARN "), "RUST_LOG=error: {quiet}");
 }

@@ -1,7 +1,8 @@
 //! `--model ORG/NAME` against a small hub on 127.0.0.1 that serves the tiny fixture in the hub's
 //! layout (the API's file list, `resolve` URLs with range requests, etags and commits), as
-//! huggingface.co does: a fresh download, an offline second run, an interrupted transfer
-//! resumed, a 404 and a truncated file. No internet.
+//! huggingface.co does: a fresh download, an offline second run, dropped connections tried
+//! again, an interrupted transfer resumed by the next run, a 404 and a truncated file. No
+//! internet.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -17,10 +18,13 @@ const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 /// What the hub does wrong, for the error tests.
 #[derive(Clone, Default)]
 struct Faults {
-    /// Drop the connection after this many bytes of the first full transfer of this file.
-    interrupt: Option<(String, usize)>,
+    /// Drop the connection after this many bytes of the first full transfer of this file, and
+    /// the next this-many transfers of it before any byte.
+    interrupt: Option<(String, usize, usize)>,
     /// Serve this file short (without a length, so the client cannot tell) every time.
     truncate: Option<String>,
+    /// Close this many connections at first without an answer.
+    refuse: usize,
 }
 
 struct Hub {
@@ -81,6 +85,11 @@ impl Hub {
 }
 
 fn serve(mut stream: TcpStream, files: &BTreeMap<String, Vec<u8>>, faults: &mut Faults, log: &Mutex<Vec<(String, String)>>) {
+    if faults.refuse > 0 {
+        faults.refuse -= 1;
+        log.lock().unwrap().push(("(refused)".into(), String::new()));
+        return; // dropped: the client sees the connection closed
+    }
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut request = String::new();
     reader.read_line(&mut request).unwrap();
@@ -145,8 +154,8 @@ fn serve(mut stream: TcpStream, files: &BTreeMap<String, Vec<u8>>, faults: &mut 
     }
     headers.push(("Content-Length", body.len().to_string()));
     if whole_transfer {
-        if let Some((_, after)) = faults.interrupt.clone().filter(|(f, _)| f == file) {
-            faults.interrupt = None;
+        if let Some((_, after, again)) = faults.interrupt.clone().filter(|(f, _, _)| f == file) {
+            faults.interrupt = (again > 0).then(|| (file.to_string(), 0, again - 1));
             reply(&mut stream, "206 Partial Content", &headers, &body[..after]);
             let _ = stream.flush();
             return; // the connection drops mid-body
@@ -251,10 +260,33 @@ fn fresh_download_then_offline() {
     assert_clean_error(&o, &["--offline", "test/tiny", "not in the Hugging Face cache"]);
 }
 
+/// A network blip does not stop a run: refused connections and a transfer cut half-way are
+/// tried again, the transfer continuing where it stopped.
+#[test]
+fn dropped_connections_are_tried_again() {
+    let file = "vae/diffusion_pytorch_model.safetensors";
+    let hub = Hub::start(Faults { refuse: 2, interrupt: Some((file.into(), 5000, 1)), ..Default::default() });
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("hf");
+    let o = run(&home, &hub.endpoint(), &generate(tmp.path(), "test/tiny", "a.png", &[]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("trying again"), "{}", stderr(&o));
+    let log = hub.requests();
+    assert_eq!(log.iter().take_while(|(p, _)| p == "(refused)").count(), 2, "{log:?}");
+    assert!(log[2].0.starts_with("/api/models/test/tiny"), "the listing is asked again: {log:?}");
+    let ranges: Vec<String> = log.iter().filter(|(p, _)| p.ends_with(file)).map(|(_, r)| r.clone()).collect();
+    assert!(ranges.contains(&"bytes=5000-".to_string()), "the transfer continues at byte 5000: {ranges:?}");
+    let fixture = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/base/pipeline").join(file)).unwrap();
+    assert_eq!(std::fs::read(snapshot(&home).join(file)).unwrap(), fixture);
+}
+
+/// A transfer that keeps failing stops the run with what it kept; the next run continues it.
 #[test]
 fn interrupted_transfer_resumes() {
     let file = "vae/diffusion_pytorch_model.safetensors";
-    let hub = Hub::start(Faults { interrupt: Some((file.into(), 5000)), ..Default::default() });
+    // The first transfer and every retry of this run fail; the next run's is served.
+    let retries = cogview_runtime::import::hub::RETRIES;
+    let hub = Hub::start(Faults { interrupt: Some((file.into(), 5000, retries)), ..Default::default() });
     let tmp = tempfile::tempdir().unwrap();
     let home = tmp.path().join("hf");
     let args = generate(tmp.path(), "test/tiny", "a.png", &[]);

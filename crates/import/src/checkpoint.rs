@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::tensor::{DType, TensorData};
 use serde::Deserialize;
@@ -21,6 +22,8 @@ pub struct Checkpoint {
     pub files: Vec<TensorFile>,
     /// Key → position in `files`.
     keys: HashMap<String, usize>,
+    /// Stored bytes of every tensor [`read`](Self::read) so far.
+    bytes_read: AtomicU64,
 }
 
 #[derive(Deserialize)]
@@ -58,7 +61,7 @@ impl Checkpoint {
             [one] => {
                 let file = TensorFile::open(one)?;
                 let keys = file.tensors().keys().map(|k| (k.clone(), 0)).collect();
-                Ok(Self { dir: dir.to_path_buf(), index: None, files: vec![file], keys })
+                Ok(Self { dir: dir.to_path_buf(), index: None, files: vec![file], keys, bytes_read: AtomicU64::new(0) })
             }
             [] => Err(ImportError::file(dir, "no .safetensors weights (and no .safetensors.index.json)")),
             many => Err(ImportError::file(
@@ -108,7 +111,7 @@ impl Checkpoint {
                 keys.entry(key.clone()).or_insert(i);
             }
         }
-        Ok(Self { dir: dir.to_path_buf(), index: Some(index_path.to_path_buf()), files, keys })
+        Ok(Self { dir: dir.to_path_buf(), index: Some(index_path.to_path_buf()), files, keys, bytes_read: AtomicU64::new(0) })
     }
 
     /// Every stored key.
@@ -134,6 +137,14 @@ impl Checkpoint {
     /// `key` as host data in `dtype`.
     pub fn read(&self, key: &str, dtype: DType) -> Result<TensorData, ImportError> {
         let file = self.file_of(key).ok_or_else(|| ImportError::file(&self.dir, format!("no tensor `{key}`")))?;
-        file.read(key, dtype)
+        let data = file.read(key, dtype)?;
+        let stored = file.get(key).map_or(0, |m| (m.end - m.start) as u64);
+        self.bytes_read.fetch_add(stored, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    /// The stored bytes [`read`](Self::read) has read so far (each read counts again).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
     }
 }

@@ -66,6 +66,8 @@ pub struct Hub {
     pub cache: PathBuf,
     pub token: Option<String>,
     pub revision: String,
+    /// The first wait before a request is tried again, in milliseconds (doubling each time).
+    pub retry_ms: u64,
 }
 
 impl Hub {
@@ -75,7 +77,7 @@ impl Hub {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let token = env("HF_TOKEN").or_else(|| Cache::new(cache.clone()).token());
         let endpoint = env("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into());
-        Self { endpoint: endpoint.trim_end_matches('/').to_string(), cache, token, revision: "main".into() }
+        Self { endpoint: endpoint.trim_end_matches('/').to_string(), cache, token, revision: "main".into(), retry_ms: 300 }
     }
 }
 
@@ -91,6 +93,40 @@ pub trait FetchProgress {
 impl FetchProgress for () {
     type Bar = ();
     fn file(&mut self, _name: &str, _size: u64) {}
+}
+
+/// How often a request that failed on the way (a dropped connection, a timeout, a 5xx or
+/// 429 answer) is tried again, waiting 0.3, 0.6, 1.2 and 2.4 s in between. A file transfer
+/// tried again continues where the last attempt stopped (its `.part` file).
+pub const RETRIES: usize = 4;
+
+/// Whether a failed hub request may succeed if tried again: the network or the server, not
+/// the request (401, 403, 404 stay failures).
+fn transient(e: &ApiError) -> bool {
+    match e {
+        ApiError::RequestError(inner) => match inner.as_ref() {
+            ureq::Error::StatusCode(code) => *code == 429 || *code >= 500,
+            _ => true,
+        },
+        ApiError::IoError(_) => true,
+        _ => false,
+    }
+}
+
+/// `op`, tried again with backoff while it fails transiently, at most `retries` more times.
+fn with_retries<T>(what: &str, retries: usize, base_ms: u64, mut op: impl FnMut() -> Result<T, ApiError>) -> Result<T, ApiError> {
+    let mut attempt = 0;
+    loop {
+        match op() {
+            Err(e) if attempt < retries && transient(&e) => {
+                let wait = (base_ms << attempt).min(10_000);
+                tracing::warn!("{what}: {e}; trying again in {:.1} s", wait as f64 / 1000.0);
+                std::thread::sleep(std::time::Duration::from_millis(wait));
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// A readable reason for a failed hub request.
@@ -140,7 +176,7 @@ pub fn fetch(hub: &Hub, repo_id: &str, which: Files, progress: &mut impl FetchPr
         .map_err(|e| download_error("", explain(&e, hub)))?;
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, hub.revision.clone());
     let api_repo = api.repo(repo.clone());
-    let info = api_repo.info().map_err(|e| download_error("", explain(&e, hub)))?;
+    let info = with_retries(repo_id, RETRIES, hub.retry_ms, || api_repo.info()).map_err(|e| download_error("", explain(&e, hub)))?;
     let files: Vec<String> = info
         .siblings
         .into_iter()
@@ -157,9 +193,12 @@ pub fn fetch(hub: &Hub, repo_id: &str, which: Files, progress: &mut impl FetchPr
             tracing::debug!("{file}: cached");
             continue;
         }
-        let meta = api.metadata(&api_repo.url(file)).map_err(|e| download_error(file, explain(&e, hub)))?;
-        let bar = progress.file(file, meta.size() as u64);
-        let path = api_repo.download_with_progress(file, bar).map_err(|e| {
+        let meta = with_retries(file, RETRIES, hub.retry_ms, || api.metadata(&api_repo.url(file))).map_err(|e| download_error(file, explain(&e, hub)))?;
+        let path = with_retries(file, RETRIES, hub.retry_ms, || {
+            let bar = progress.file(file, meta.size() as u64);
+            api_repo.download_with_progress(file, bar)
+        })
+        .map_err(|e| {
             let part = cache.blob_path(meta.etag()).with_extension("part");
             let kept = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
             let resume = if kept > 0 {
@@ -217,6 +256,29 @@ fn verify(path: &Path, size: u64, etag: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Failures on the way are tried again, with backoff, up to the limit; refusals are not.
+    #[test]
+    fn transient_failures_are_tried_again() {
+        let reset = || ApiError::IoError(std::io::Error::other("connection reset"));
+        let mut calls = 0;
+        let got = with_retries("x", 3, 1, || {
+            calls += 1;
+            if calls < 3 { Err(reset()) } else { Ok(7) }
+        });
+        assert_eq!((got.unwrap(), calls), (7, 3));
+        calls = 0;
+        let got: Result<(), _> = with_retries("x", 3, 1, || {
+            calls += 1;
+            Err(reset())
+        });
+        assert!(got.is_err());
+        assert_eq!(calls, 4, "the first try and 3 more");
+        for (code, again) in [(404, false), (403, false), (503, true), (429, true)] {
+            let e = ApiError::RequestError(Box::new(ureq::Error::StatusCode(code)));
+            assert_eq!(transient(&e), again, "HTTP {code}");
+        }
+    }
 
     #[test]
     fn only_what_the_pipeline_reads() {

@@ -5,11 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use cogview_models::dit::{Dit, DitConfig};
-use cogview_models::scheduler::SchedulerConfig;
-use cogview_models::t5::{T5Block, T5Config, T5Embedding};
-use cogview_models::vae::{Decoder, Encoder, VaeConfig};
-use cogview_models::WeightSource;
+use cogview_models::dit::Dit;
+use cogview_models::t5::{T5Block, T5Embedding};
+use cogview_models::vae::{Decoder, Encoder};
+use cogview_models::{Configs, WeightSource};
 use serde::de::DeserializeOwned;
 
 use crate::checkpoint::Checkpoint;
@@ -78,10 +77,7 @@ impl ModelIndex {
 pub struct ModelFolder {
     pub root: PathBuf,
     pub index: ModelIndex,
-    pub text_encoder: T5Config,
-    pub transformer: DitConfig,
-    pub vae: VaeConfig,
-    pub scheduler: SchedulerConfig,
+    pub configs: Configs,
 }
 
 impl ModelFolder {
@@ -97,38 +93,20 @@ impl ModelFolder {
             tracing::warn!(class = %index.class_name, "model_index.json names another pipeline class; loading it as CogView3PlusPipeline");
         }
         let config = |c: &str, f: &str| root.join(c).join(f);
-        let text_encoder: T5Config = read_json(&config("text_encoder", "config.json"))?;
-        let transformer: DitConfig = read_json(&config("transformer", "config.json"))?;
-        let vae: VaeConfig = read_json(&config("vae", "config.json"))?;
-        let scheduler: SchedulerConfig = read_json(&config("scheduler", "scheduler_config.json"))?;
-        text_encoder.validate().map_err(|m| ImportError::config(config("text_encoder", "config.json"), m))?;
-        transformer.validate().map_err(|m| ImportError::config(config("transformer", "config.json"), m))?;
-        vae.validate().map_err(|m| ImportError::config(config("vae", "config.json"), m))?;
-        scheduler.validate().map_err(|m| ImportError::config(config("scheduler", "scheduler_config.json"), m))?;
-        let folder = Self { root, index, text_encoder, transformer, vae, scheduler };
-        folder.check_across()?;
-        Ok(folder)
-    }
-
-    /// Components must fit each other.
-    fn check_across(&self) -> Result<(), ImportError> {
-        let tc = self.root.join("transformer").join("config.json");
-        if self.text_encoder.d_model != self.transformer.text_embed_dim {
-            return Err(ImportError::config(
-                &tc,
-                format!("text_embed_dim {} differs from the text encoder's d_model {}", self.transformer.text_embed_dim, self.text_encoder.d_model),
-            ));
-        }
-        if self.vae.latent_channels != self.transformer.in_channels || self.vae.latent_channels != self.transformer.out_channels {
-            return Err(ImportError::config(
-                &tc,
-                format!(
-                    "in_channels {} / out_channels {} differ from the VAE's latent_channels {}",
-                    self.transformer.in_channels, self.transformer.out_channels, self.vae.latent_channels
-                ),
-            ));
-        }
-        Ok(())
+        let configs = Configs {
+            text_encoder: read_json(&config("text_encoder", "config.json"))?,
+            transformer: read_json(&config("transformer", "config.json"))?,
+            vae: read_json(&config("vae", "config.json"))?,
+            scheduler: read_json(&config("scheduler", "scheduler_config.json"))?,
+        };
+        let c = &configs;
+        c.text_encoder.validate().map_err(|m| ImportError::config(config("text_encoder", "config.json"), m))?;
+        c.transformer.validate().map_err(|m| ImportError::config(config("transformer", "config.json"), m))?;
+        c.vae.validate().map_err(|m| ImportError::config(config("vae", "config.json"), m))?;
+        c.scheduler.validate().map_err(|m| ImportError::config(config("scheduler", "scheduler_config.json"), m))?;
+        // Components must fit each other.
+        c.check_across().map_err(|m| ImportError::config(config("transformer", "config.json"), m))?;
+        Ok(Self { root, index, configs })
     }
 
     pub fn component_dir(&self, c: Component) -> PathBuf {
@@ -137,7 +115,7 @@ impl ModelFolder {
 
     /// Every key (and shape) the modules of `c` can ask for under this folder's configs.
     pub fn expected_keys(&self, c: Component) -> Vec<(String, Vec<usize>)> {
-        expected_keys(c, &self.text_encoder, &self.transformer, &self.vae)
+        expected_keys(c, &self.configs)
     }
 
     /// Opens the weights of `c` and checks them against the configs: every missing,
@@ -155,7 +133,8 @@ impl ModelFolder {
 
 /// The full key list of a component (every module its folder can feed: for the VAE, both the
 /// decoder and the encoder).
-pub fn expected_keys(c: Component, t5: &T5Config, dit: &DitConfig, vae: &VaeConfig) -> Vec<(String, Vec<usize>)> {
+pub fn expected_keys(c: Component, configs: &Configs) -> Vec<(String, Vec<usize>)> {
+    let (t5, dit, vae) = (&configs.text_encoder, &configs.transformer, &configs.vae);
     KeyRecorder::keys_of(|w| match c {
         Component::TextEncoder => {
             T5Embedding::load(w, t5);

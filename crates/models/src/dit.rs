@@ -2,8 +2,8 @@
 //!
 //! Reference: huggingface/diffusers `src/diffusers/models/transformers/transformer_cogview3plus.py`
 //! with `embeddings.py` (CogView3PlusPatchEmbed, CogView3CombinedTimestepSizeEmbeddings) and
-//! `normalization.py` (CogView3PlusAdaLayerNormZeroTextImage, AdaLayerNormContinuous); shared
-//! spec `spec/cogview3plus.md` §2, which has every constant used here.
+//! `normalization.py` (CogView3PlusAdaLayerNormZeroTextImage, AdaLayerNormContinuous), where
+//! every constant used here comes from.
 //!
 //! Text and image tokens are modulated separately (AdaLN-zero, 12 chunks), attend jointly
 //! (text first), and share one tanh-GELU feed-forward.
@@ -38,6 +38,38 @@ pub struct DitConfig {
 }
 
 impl DitConfig {
+    /// CogView3-Plus-3B's `transformer/config.json`.
+    pub fn cogview3_plus_3b() -> Self {
+        Self {
+            patch_size: 2,
+            in_channels: 16,
+            num_layers: 30,
+            attention_head_dim: 40,
+            num_attention_heads: 64,
+            out_channels: 16,
+            text_embed_dim: 4096,
+            time_embed_dim: 512,
+            condition_dim: 256,
+            pos_embed_max_size: 128,
+            sample_size: 128,
+        }
+    }
+
+    /// A tiny DiT of the same kind, the shape of the tests' `base` fixture.
+    pub fn tiny() -> Self {
+        Self {
+            num_layers: 2,
+            attention_head_dim: 8,
+            num_attention_heads: 4,
+            text_embed_dim: 32,
+            time_embed_dim: 16,
+            condition_dim: 8,
+            pos_embed_max_size: 32,
+            sample_size: 16,
+            ..Self::cogview3_plus_3b()
+        }
+    }
+
     /// The hidden width, heads × head_dim.
     pub fn inner_dim(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim

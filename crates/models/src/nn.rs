@@ -160,3 +160,84 @@ pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715)).mul_scalar(SQRT_2_OVER_PI);
     x.mul_scalar(0.5) * tanh(inner).add_scalar(1.0)
 }
+
+/// The building blocks on literal tensors, against values worked out by hand (in f64, from the
+/// formulas in each function's doc).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::WeightStorage;
+    use burn::tensor::{DType, Device, TensorData};
+
+    /// A few f32 roundings of values of order 1 (f32's unit roundoff is 6e-8).
+    const F32_TOL: f32 = 1e-6;
+
+    fn close<const D: usize>(got: Tensor<D>, want: &[f32]) {
+        let got = got.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= F32_TOL, "{got:?} vs {want:?}");
+        }
+    }
+
+    fn tensor<const D: usize>(values: &[f32], shape: [usize; D]) -> Tensor<D> {
+        Tensor::from_data(TensorData::new(values.to_vec(), shape), &Device::flex())
+    }
+
+    #[test]
+    fn layer_norm_of_a_row() {
+        // mean 2.5, biased variance 1.25
+        close(layer_norm(tensor(&[1.0, 2.0, 3.0, 4.0], [1, 4]), 1e-5), &[-1.3416354, -0.4472118, 0.4472118, 1.3416354]);
+    }
+
+    #[test]
+    fn rms_norm_scales_by_the_weight() {
+        // mean square 7.5, no mean subtracted
+        let w = tensor(&[1.0, 0.5, 2.0, 1.0], [4]);
+        close(rms_norm(tensor(&[1.0, 2.0, 3.0, 4.0], [1, 1, 4]), &w, 1e-6), &[0.36514835, 0.36514835, 2.19089008, 1.46059339]);
+    }
+
+    #[test]
+    fn group_norm_over_channel_pairs() {
+        // 4 channels of 2 pixels in 2 groups: {1, 2, 3, 5} and {-1, 1, 0, 4}
+        let n = GroupNorm { weight: tensor(&[1.0, 2.0, 0.5, 1.0], [4]), bias: tensor(&[0.0, 1.0, 0.0, -1.0], [4]), groups: 2, eps: 1e-6 };
+        let x = tensor(&[1.0, 2.0, 3.0, 5.0, -1.0, 1.0, 0.0, 4.0], [1, 4, 1, 2]);
+        let want = [-1.18321569, -0.50709244, 1.33806162, 4.04255462, -0.53452241, 0.0, -1.53452241, 0.60356722];
+        close(n.forward(x), &want);
+    }
+
+    #[test]
+    fn gelu_tanh_values() {
+        let want = [-0.00363739, -0.15880801, 0.0, 0.34571401, 1.95459769];
+        close(gelu_tanh(tensor(&[-3.0, -1.0, 0.0, 0.5, 2.0], [5])), &want);
+        close(silu(tensor(&[0.0, 1.0], [2])), &[0.0, 0.7310586]);
+    }
+
+    /// A linear layer whose weight is kept in blocks of rows (one row a block here) gives what
+    /// the dense weight gives.
+    #[test]
+    fn row_blocked_linear_is_the_dense_one() {
+        let data = TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], [3, 2]); // [out 3, in 2]
+        let blocked = Weight::store_limited(data.clone(), WeightStorage::Compute, DType::F32, &Device::flex(), Some(8));
+        assert!(matches!(&blocked, Weight::Rows(b) if b.len() == 3), "{blocked:?}");
+        let bias = Some(tensor(&[0.5, -1.0, 0.0], [3]));
+        let x = tensor(&[1.0, -1.0], [1, 2]);
+        let want = [-0.5, -2.0, -1.0];
+        close(Linear { weight: blocked, bias: bias.clone() }.forward(x.clone()), &want);
+        let dense = Weight::store(data, WeightStorage::Compute, DType::F32, &Device::flex());
+        close(Linear { weight: dense, bias }.forward(x), &want);
+    }
+
+    /// bf16 storage keeps 8 significant bits (rounding to nearest, ties to even) and widens back
+    /// exactly.
+    #[test]
+    fn bf16_storage_rounds_once_and_widens_exactly() {
+        let values = vec![1.0078125f32, 1.00390625, 1.01171875, -3.0, 0.0];
+        let w = Weight::<1>::store(TensorData::new(values, [5]), WeightStorage::Bf16, DType::F32, &Device::flex());
+        assert!(matches!(w, Weight::Bf16 { .. }));
+        assert_eq!(w.dtype(), DType::F32);
+        // 1 + 2^-7 is a bf16 value; 1 + 2^-8 is halfway and rounds to even (1); 1 + 3·2^-8 to 1 + 2^-6.
+        let got = w.get().into_data().try_to_vec::<f32>().unwrap();
+        assert_eq!(got, [1.0078125, 1.0, 1.015625, -3.0, 0.0]);
+    }
+}

@@ -1,12 +1,43 @@
 //! diffusers' `CogVideoXDDIMScheduler`: deterministic DDIM (eta ignored) on a zero-terminal-SNR,
 //! SNR-shifted scaled-linear schedule, v-prediction, trailing timesteps.
 //!
-//! Reference: huggingface/diffusers `src/diffusers/schedulers/scheduling_ddim_cogvideox.py`;
-//! shared spec `spec/cogview3plus.md` §5. Everything schedule-related is f64, as diffusers
-//! computes it; only [`DdimScheduler::step`] touches tensors.
+//! Reference: huggingface/diffusers `src/diffusers/schedulers/scheduling_ddim_cogvideox.py`.
+//! Everything schedule-related is f64, as diffusers computes it; only [`DdimScheduler::step`]
+//! and [`DdimScheduler::add_noise`] touch tensors.
 
 use burn::tensor::Tensor;
 use serde::Deserialize;
+
+use crate::config::config_enum;
+
+config_enum! {
+    /// `beta_schedule`: how the betas go from `beta_start` to `beta_end`.
+    pub enum BetaSchedule("beta_schedule") {
+        /// Linear in sqrt(beta) (CogView3-Plus).
+        ScaledLinear = "scaled_linear",
+        Linear = "linear",
+    }
+}
+
+config_enum! {
+    /// `prediction_type`: what the denoiser predicts.
+    pub enum PredictionType("prediction_type") {
+        /// The velocity (CogView3-Plus).
+        VPrediction = "v_prediction",
+        Epsilon = "epsilon",
+        Sample = "sample",
+    }
+}
+
+config_enum! {
+    /// `timestep_spacing`: how the run's timesteps are spread over the training ones.
+    pub enum TimestepSpacing("timestep_spacing") {
+        /// From the last training timestep down (CogView3-Plus).
+        Trailing = "trailing",
+        Leading = "leading",
+        Linspace = "linspace",
+    }
+}
 
 /// `scheduler/scheduler_config.json`. The keys that shape the schedule are required; the ones
 /// this scheduler ignores (`clip_sample`, `sample_max_value`, ...) are read only to refuse
@@ -16,9 +47,9 @@ pub struct SchedulerConfig {
     pub num_train_timesteps: usize,
     pub beta_start: f64,
     pub beta_end: f64,
-    pub beta_schedule: String,
-    pub prediction_type: String,
-    pub timestep_spacing: String,
+    pub beta_schedule: BetaSchedule,
+    pub prediction_type: PredictionType,
+    pub timestep_spacing: TimestepSpacing,
     #[serde(default)]
     pub rescale_betas_zero_snr: bool,
     #[serde(default = "default_snr_shift")]
@@ -42,18 +73,27 @@ fn yes() -> bool {
 }
 
 impl SchedulerConfig {
+    /// CogView3-Plus-3B's `scheduler/scheduler_config.json`.
+    pub fn cogview3_plus_3b() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: BetaSchedule::ScaledLinear,
+            prediction_type: PredictionType::VPrediction,
+            timestep_spacing: TimestepSpacing::Trailing,
+            rescale_betas_zero_snr: true,
+            snr_shift_scale: 4.0,
+            set_alpha_to_one: true,
+            steps_offset: 0,
+            clip_sample: false,
+            thresholding: false,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.num_train_timesteps < 2 {
             return Err(format!("num_train_timesteps {} must be at least 2", self.num_train_timesteps));
-        }
-        if !["scaled_linear", "linear"].contains(&self.beta_schedule.as_str()) {
-            return Err(format!("beta_schedule `{}` is not supported (scaled_linear, linear)", self.beta_schedule));
-        }
-        if !["v_prediction", "epsilon", "sample"].contains(&self.prediction_type.as_str()) {
-            return Err(format!("prediction_type `{}` is not supported", self.prediction_type));
-        }
-        if !["trailing", "leading", "linspace"].contains(&self.timestep_spacing.as_str()) {
-            return Err(format!("timestep_spacing `{}` is not supported", self.timestep_spacing));
         }
         if self.clip_sample || self.thresholding {
             return Err("clip_sample and thresholding are not supported".into());
@@ -67,7 +107,7 @@ impl SchedulerConfig {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ScheduleError {
-    #[error("--steps {steps}: must be between 1 and {max}")]
+    #[error("{steps} steps: must be between 1 and {max}")]
     Steps { steps: usize, max: usize },
 }
 
@@ -88,10 +128,10 @@ pub struct DdimScheduler {
 /// `ac / (s + (1 - s) ac)`, then the zero-terminal-SNR rescale (Lin et al. 2023, Algorithm 1).
 pub fn alphas_cumprod(c: &SchedulerConfig) -> Vec<f64> {
     let n = c.num_train_timesteps;
-    let betas: Vec<f64> = match c.beta_schedule.as_str() {
+    let betas: Vec<f64> = match c.beta_schedule {
         // torch.linspace(sqrt(start), sqrt(end), n, float64) ** 2
-        "scaled_linear" => linspace(c.beta_start.sqrt(), c.beta_end.sqrt(), n).into_iter().map(|b| b * b).collect(),
-        _ => linspace(c.beta_start, c.beta_end, n),
+        BetaSchedule::ScaledLinear => linspace(c.beta_start.sqrt(), c.beta_end.sqrt(), n).into_iter().map(|b| b * b).collect(),
+        BetaSchedule::Linear => linspace(c.beta_start, c.beta_end, n),
     };
     let mut ac = Vec::with_capacity(n);
     let mut prod = 1.0f64;
@@ -136,8 +176,8 @@ fn round_half_even(x: f64) -> f64 {
 /// denoiser calls and reads `alphas_cumprod[-1]` (the last, 0) for the extra one; we do the same.
 pub fn timesteps(c: &SchedulerConfig, steps: usize) -> Vec<i64> {
     let n = c.num_train_timesteps as f64;
-    match c.timestep_spacing.as_str() {
-        "trailing" => {
+    match c.timestep_spacing {
+        TimestepSpacing::Trailing => {
             let ratio = n / steps as f64;
             // np.arange(n, 0, -ratio): length ceil((stop - start) / step); values filled as
             // start + i·delta with delta = (start + step) - start, which is not exactly -ratio.
@@ -145,11 +185,11 @@ pub fn timesteps(c: &SchedulerConfig, steps: usize) -> Vec<i64> {
             let delta = (n - ratio) - n;
             (0..len).map(|i| round_half_even(n + i as f64 * delta) as i64 - 1).collect()
         }
-        "leading" => {
+        TimestepSpacing::Leading => {
             let ratio = c.num_train_timesteps / steps;
             (0..steps).rev().map(|i| (i * ratio + c.steps_offset) as i64).collect()
         }
-        _ => {
+        TimestepSpacing::Linspace => {
             // linspace(0, N-1, steps).round()[::-1]
             let last = n - 1.0;
             (0..steps)
@@ -190,15 +230,36 @@ impl DdimScheduler {
         let a_t = self.alpha(t);
         let a_prev = if prev >= 0 { self.alpha(prev) } else { self.final_alpha_cumprod };
         let b_t = 1.0 - a_t;
-        let (x0_sample, x0_model) = match self.config.prediction_type.as_str() {
-            "v_prediction" => (a_t.sqrt(), b_t.sqrt()),
+        let (x0_sample, x0_model) = match self.config.prediction_type {
+            PredictionType::VPrediction => (a_t.sqrt(), b_t.sqrt()),
             // eps: x0 = (x - sqrt(b) eps) / sqrt(a)
-            "epsilon" => (1.0 / a_t.sqrt(), b_t.sqrt() / a_t.sqrt()),
-            _ => (0.0, -1.0), // "sample": x0 = model_output
+            PredictionType::Epsilon => (1.0 / a_t.sqrt(), b_t.sqrt() / a_t.sqrt()),
+            // x0 = model_output
+            PredictionType::Sample => (0.0, -1.0),
         };
         let a = ((1.0 - a_prev) / b_t).sqrt();
         let b = a_prev.sqrt() - a_t.sqrt() * a;
         StepCoefficients { sample: a, x0: b, x0_sample, x0_model, alpha_t: a_t, alpha_prev: a_prev }
+    }
+
+    /// `add_noise(x0, noise, t)`: `sqrt(ᾱ_t) · x0 + sqrt(1 − ᾱ_t) · noise`, the two factors
+    /// computed in f32 from ᾱ_t rounded to f32, as diffusers does (it casts `alphas_cumprod`
+    /// to the sample's dtype first). `t` indexes as Python does (-1 is the last).
+    ///
+    /// # Shapes
+    /// - x0, noise: `[N, C, h, w]` → `[N, C, h, w]`
+    pub fn add_noise(&self, x0: Tensor<4>, noise: Tensor<4>, t: i64) -> Tensor<4> {
+        let a = self.alpha(t) as f32;
+        let (signal, rest) = (a.sqrt(), (1.0 - a).sqrt());
+        x0.mul_scalar(signal) + noise.mul_scalar(rest)
+    }
+
+    /// The timesteps img2img runs at `strength`, as diffusers' video-to-video pipelines cut
+    /// the schedule: `init = min(int(steps · strength), steps)`, the loop starting at index
+    /// `steps − init` (so strength 1 runs them all and strength 0 none).
+    pub fn first_step(&self, steps: usize, strength: f64) -> usize {
+        let init = ((steps as f64 * strength) as usize).min(steps);
+        steps - init
     }
 
     /// One DDIM step in f32: the previous sample and the predicted clean sample.
@@ -228,24 +289,11 @@ pub struct StepCoefficients {
 mod tests {
     use super::*;
 
-    pub fn real() -> SchedulerConfig {
-        SchedulerConfig {
-            num_train_timesteps: 1000,
-            beta_start: 0.00085,
-            beta_end: 0.012,
-            beta_schedule: "scaled_linear".into(),
-            prediction_type: "v_prediction".into(),
-            timestep_spacing: "trailing".into(),
-            rescale_betas_zero_snr: true,
-            snr_shift_scale: 4.0,
-            set_alpha_to_one: true,
-            steps_offset: 0,
-            clip_sample: false,
-            thresholding: false,
-        }
+    fn real() -> SchedulerConfig {
+        SchedulerConfig::cogview3_plus_3b()
     }
 
-    /// Values the shared spec verified with diffusers (§5.2, §5.3).
+    /// Values verified with diffusers' `CogVideoXDDIMScheduler` on the real config.
     #[test]
     fn spec_values() {
         let ac = alphas_cumprod(&real());
@@ -263,6 +311,22 @@ mod tests {
     }
 
     #[test]
+    fn unknown_names_are_errors_naming_the_key() {
+        let json = |spacing: &str| format!(
+            r#"{{"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "prediction_type": "v_prediction", "timestep_spacing": "{spacing}"}}"#
+        );
+        let ok: SchedulerConfig = serde_json::from_str(&json("leading")).unwrap();
+        assert_eq!(ok.timestep_spacing, TimestepSpacing::Leading);
+        let err = serde_json::from_str::<SchedulerConfig>(&json("sideways")).unwrap_err().to_string();
+        assert!(err.contains("timestep_spacing `sideways` is not supported (supported: trailing, leading, linspace)"), "{err}");
+        for p in PredictionType::ALL {
+            assert_eq!(p.as_str().parse::<PredictionType>(), Ok(*p));
+        }
+        assert!("cosine".parse::<BetaSchedule>().unwrap_err().contains("beta_schedule"));
+    }
+
+    #[test]
     fn rounding_is_half_even() {
         assert_eq!(round_half_even(937.5), 938.0);
         assert_eq!(round_half_even(812.5), 812.0);
@@ -275,6 +339,17 @@ mod tests {
         assert_eq!(DdimScheduler::new(&real(), 0).unwrap_err(), ScheduleError::Steps { steps: 0, max: 1000 });
         assert!(DdimScheduler::new(&real(), 1001).is_err());
         assert!(DdimScheduler::new(&real(), 1).is_ok());
+    }
+
+    #[test]
+    fn strength_cuts_the_schedule_as_python_does() {
+        let s = DdimScheduler::new(&real(), 10).unwrap();
+        // Python: int(10 * 0.7) = 7 (10 * 0.7 is 7.000000000000001); in f32 0.7 would give 6.
+        assert_eq!(s.first_step(10, 0.7), 3);
+        assert_eq!(s.first_step(10, 0.3), 7);
+        assert_eq!(s.first_step(10, 1.0), 0);
+        assert_eq!(s.first_step(10, 0.0), 10);
+        assert_eq!(s.first_step(5, 0.6), 2);
     }
 
     #[test]

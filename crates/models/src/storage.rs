@@ -10,7 +10,8 @@
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 /// Where a [`Weight`] lives between uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum WeightStorage {
     /// In the compute dtype (no conversion at use).
     Compute,
@@ -18,6 +19,16 @@ pub enum WeightStorage {
     Bf16,
     /// As bf16 pairs packed in `u32` words, unpacked by a kernel at use (adapters that can't).
     PackedBf16,
+}
+
+impl std::fmt::Display for WeightStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WeightStorage::Compute => "the compute dtype",
+            WeightStorage::Bf16 => "bf16",
+            WeightStorage::PackedBf16 => "bf16 packed in u32",
+        })
+    }
 }
 
 impl WeightStorage {

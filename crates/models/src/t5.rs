@@ -1,7 +1,7 @@
 //! The T5 encoder (google/t5-v1_1-xxl in CogView3-Plus), as transformers' `T5EncoderModel`.
 //!
-//! Reference: huggingface/transformers `src/transformers/models/t5/modeling_t5.py`; shared spec
-//! `spec/cogview3plus.md` §3. No attention mask (the pipeline passes none, so pad tokens take
+//! Reference: huggingface/transformers `src/transformers/models/t5/modeling_t5.py` and
+//! `configuration_t5.py`. No attention mask (the pipeline passes none, so pad tokens take
 //! part), no 1/sqrt(d) scaling (T5 folds it into the init), a relative position bias computed
 //! from block 0's table and shared by every block, RMS norms with f32 statistics, a gated
 //! tanh-GELU feed-forward.
@@ -31,8 +31,8 @@ pub struct T5Config {
     #[serde(default = "default_max_distance")]
     pub relative_attention_max_distance: usize,
     pub layer_norm_epsilon: f64,
-    /// `"gated-gelu"` (T5 v1.1), `"relu"` (T5 v1.0), `"gated-relu"` or `"gelu"`.
-    pub feed_forward_proj: String,
+    /// `"gated-gelu"` (T5 v1.1), `"relu"` (T5 v1.0), `"gated-relu"`, `"gelu"`, ...
+    pub feed_forward_proj: FeedForward,
 }
 
 fn default_max_distance() -> usize {
@@ -40,6 +40,27 @@ fn default_max_distance() -> usize {
 }
 
 impl T5Config {
+    /// google/t5-v1_1-xxl, CogView3-Plus-3B's text encoder.
+    pub fn t5_v1_1_xxl() -> Self {
+        Self {
+            d_model: 4096,
+            d_ff: 10240,
+            d_kv: 64,
+            num_heads: 64,
+            num_layers: 24,
+            vocab_size: 32128,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: FeedForward { gated: true, act: Activation::GeluTanh },
+        }
+    }
+
+    /// A tiny T5 of the same kind, the shape of the tests' `base` fixture.
+    pub fn tiny() -> Self {
+        Self { d_model: 32, d_ff: 64, d_kv: 8, num_heads: 4, num_layers: 2, vocab_size: 448, ..Self::t5_v1_1_xxl() }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
             ("d_model", self.d_model),
@@ -58,25 +79,56 @@ impl T5Config {
         if self.relative_attention_max_distance <= self.relative_attention_num_buckets / 4 {
             return Err("relative_attention_max_distance must exceed num_buckets / 4".into());
         }
-        self.feed_forward().map(|_| ())
+        Ok(())
     }
+}
 
-    /// Whether the feed-forward is gated (`wi_0`, `wi_1`), and its activation. As in
-    /// transformers' `T5Config`: the last `-` part names the activation, except that
-    /// `gated-gelu` means the tanh approximation (`gelu_new`) for backward compatibility.
-    pub fn feed_forward(&self) -> Result<(bool, Activation), String> {
-        let proj = self.feed_forward_proj.as_str();
-        let (gated, act) = match proj.strip_prefix("gated-") {
-            Some(act) => (true, act),
+/// `feed_forward_proj`: whether the feed-forward is gated (`wi_0`, `wi_1`), and its activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FeedForward {
+    pub gated: bool,
+    pub act: Activation,
+}
+
+/// As transformers' `T5Config` reads it: an optional `gated-` prefix, then the activation's
+/// name, where `gated-gelu` means the tanh approximation (`gelu_new`) for backward
+/// compatibility. Anything else is an error naming the key.
+impl std::str::FromStr for FeedForward {
+    type Err = String;
+    fn from_str(proj: &str) -> Result<Self, String> {
+        let (gated, name) = match proj.strip_prefix("gated-") {
+            Some(name) => (true, name),
             None => (false, proj),
         };
-        let act = match (proj, act) {
+        let act = match (proj, name) {
             ("gated-gelu", _) | (_, "gelu_new") => Activation::GeluTanh,
             (_, "gelu") => Activation::Gelu,
             (_, "relu") => Activation::Relu,
-            _ => return Err(format!("feed_forward_proj `{proj}` is not supported (gated-gelu, gelu, gated-relu, relu)")),
+            _ => {
+                return Err(format!(
+                    "feed_forward_proj `{proj}` is not supported (supported: gated-gelu, gelu, gelu_new, gated-relu, relu)"
+                ));
+            }
         };
-        Ok((gated, act))
+        Ok(Self { gated, act })
+    }
+}
+
+impl std::fmt::Display for FeedForward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match (self.gated, self.act) {
+            (true, Activation::GeluTanh) => "gelu",
+            (_, Activation::GeluTanh) => "gelu_new",
+            (_, Activation::Gelu) => "gelu",
+            (_, Activation::Relu) => "relu",
+        };
+        write!(f, "{}{name}", if self.gated { "gated-" } else { "" })
+    }
+}
+
+impl<'de> Deserialize<'de> for FeedForward {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -137,7 +189,7 @@ pub struct T5Block {
 impl T5Block {
     /// `w` is under `encoder.block.{i}`.
     pub fn load(w: &impl WeightSource, c: &T5Config) -> Self {
-        let (gated, act) = c.feed_forward().unwrap_or((true, Activation::GeluTanh));
+        let FeedForward { gated, act } = c.feed_forward_proj;
         let inner = c.num_heads * c.d_kv;
         let attn = w.pp("layer.0.SelfAttention");
         let ff = w.pp("layer.1.DenseReluDense");
@@ -292,7 +344,7 @@ impl T5Embedding {
 mod tests {
     use super::*;
 
-    /// The bucket table the shared spec verified against transformers (§3.3).
+    /// The bucket table transformers' `_relative_position_bucket` gives (32 buckets, 128).
     #[test]
     fn buckets_match_transformers() {
         let b = |rel| relative_position_bucket(rel, 32, 128);
@@ -308,17 +360,20 @@ mod tests {
 
     #[test]
     fn feed_forward_kinds() {
-        let mut c = T5Config {
-            d_model: 8, d_ff: 16, d_kv: 4, num_heads: 2, num_layers: 1, vocab_size: 10,
-            relative_attention_num_buckets: 32, relative_attention_max_distance: 128,
-            layer_norm_epsilon: 1e-6, feed_forward_proj: "gated-gelu".into(),
-        };
-        assert_eq!(c.feed_forward(), Ok((true, Activation::GeluTanh)));
-        c.feed_forward_proj = "relu".into();
-        assert_eq!(c.feed_forward(), Ok((false, Activation::Relu)));
-        c.feed_forward_proj = "gelu".into();
-        assert_eq!(c.feed_forward(), Ok((false, Activation::Gelu)));
-        c.feed_forward_proj = "swish".into();
-        assert!(c.feed_forward().is_err());
+        let ff = |s: &str| s.parse::<FeedForward>();
+        assert_eq!(ff("gated-gelu"), Ok(FeedForward { gated: true, act: Activation::GeluTanh }));
+        assert_eq!(ff("relu"), Ok(FeedForward { gated: false, act: Activation::Relu }));
+        assert_eq!(ff("gelu"), Ok(FeedForward { gated: false, act: Activation::Gelu }));
+        assert_eq!(ff("gated-relu"), Ok(FeedForward { gated: true, act: Activation::Relu }));
+        assert_eq!(ff("gelu_new"), Ok(FeedForward { gated: false, act: Activation::GeluTanh }));
+        for s in ["gated-gelu", "relu", "gelu", "gated-relu", "gelu_new"] {
+            assert_eq!(ff(s).unwrap().to_string(), s);
+        }
+        assert!(ff("swish").unwrap_err().contains("feed_forward_proj `swish`"));
+        // A config with an unknown activation is refused when it is read, naming the key.
+        let json = r#"{"d_model": 8, "d_ff": 16, "d_kv": 4, "num_heads": 2, "num_layers": 1, "vocab_size": 10,
+            "relative_attention_num_buckets": 32, "layer_norm_epsilon": 1e-6, "feed_forward_proj": "swish"}"#;
+        let err = serde_json::from_str::<T5Config>(json).unwrap_err().to_string();
+        assert!(err.contains("feed_forward_proj `swish` is not supported"), "{err}");
     }
 }

@@ -3,8 +3,7 @@
 //! its config can ask for otherwise (quant convs, mid-block attention).
 //!
 //! Reference: huggingface/diffusers `src/diffusers/models/autoencoders/{autoencoder_kl,vae}.py`,
-//! `unets/unet_2d_blocks.py`, `resnet.py`, `upsampling.py`, `downsampling.py`; shared spec
-//! `spec/cogview3plus.md` §4. GroupNorm eps 1e-6, SiLU, nearest ×2 upsampling then a 3×3 conv;
+//! `unets/unet_2d_blocks.py`, `resnet.py`, `upsampling.py`, `downsampling.py`. GroupNorm eps 1e-6, SiLU, nearest ×2 upsampling then a 3×3 conv;
 //! `up_blocks.0` is the lowest resolution.
 
 use burn::tensor::Tensor;
@@ -51,6 +50,37 @@ fn default_act() -> String {
 }
 
 impl VaeConfig {
+    /// CogView3-Plus-3B's `vae/config.json`.
+    pub fn cogview3_plus_3b() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            down_block_types: vec!["DownEncoderBlock2D".into(); 4],
+            up_block_types: vec!["UpDecoderBlock2D".into(); 4],
+            block_out_channels: vec![128, 512, 1024, 1024],
+            layers_per_block: 3,
+            latent_channels: 16,
+            norm_num_groups: 32,
+            scaling_factor: 1.0,
+            shift_factor: None,
+            act_fn: "silu".into(),
+            use_quant_conv: false,
+            use_post_quant_conv: false,
+            mid_block_add_attention: false,
+        }
+    }
+
+    /// A tiny VAE of the same kind, the shape of the tests' `base` fixture.
+    pub fn tiny() -> Self {
+        Self {
+            block_out_channels: vec![8, 16, 16, 16],
+            layers_per_block: 1,
+            norm_num_groups: 4,
+            scaling_factor: 0.18215,
+            ..Self::cogview3_plus_3b()
+        }
+    }
+
     /// The pixel size of one latent cell: 2^(levels - 1).
     pub fn scale_factor(&self) -> usize {
         1 << (self.block_out_channels.len().saturating_sub(1))
@@ -276,44 +306,52 @@ impl Decoder {
 }
 
 impl Decoder {
-    /// diffusers' `AutoencoderKL.tiled_decode`: the latents cut into `tile`×`tile` tiles that
-    /// overlap by a quarter, each decoded alone, each tile blended into its upper then its
-    /// left neighbour (already blended) over a quarter of a tile, then the tiles cropped and
-    /// joined. Bounds the decode's memory by one tile whatever the image size. Each tile is
-    /// normalised over itself, so the result is close to, not equal to, the untiled decode.
+    /// diffusers' `AutoencoderKL.tiled_decode`: the latents cut into `tile`×`tile` tiles (see
+    /// [`tiled`]), each decoded alone. Bounds the decode's memory by one tile whatever the
+    /// image size. Each tile is normalised over itself, so the result is close to, not equal
+    /// to, the untiled decode.
     ///
     /// # Shapes
     /// - z: `[N, latent, h, w]` → `[N, out, h·f, w·f]`
     pub fn forward_tiled(&self, z: Tensor<4>, tile: usize, probe: &mut impl Probe) -> Tensor<4> {
-        let [_, _, h, w] = z.dims();
         let factor = 1 << (self.up_blocks.len() - 1);
-        let stride = (tile as f64 * (1.0 - TILE_OVERLAP)) as usize;
-        let sample_tile = tile * factor;
-        let blend = (sample_tile as f64 * TILE_OVERLAP) as usize;
-        let keep = sample_tile - blend;
-        let mut rows: Vec<Vec<Tensor<4>>> = Vec::new();
-        for i in (0..h).step_by(stride.max(1)) {
-            let mut row: Vec<Tensor<4>> = Vec::new();
-            for j in (0..w).step_by(stride.max(1)) {
-                let part = z.clone().narrow(2, i, tile.min(h - i)).narrow(3, j, tile.min(w - j));
-                let mut decoded = self.forward(part, probe);
-                if let Some(above) = rows.last() {
-                    decoded = blend_edges(&above[row.len()], decoded, blend, 2);
-                }
-                if let Some(left) = row.last() {
-                    decoded = blend_edges(left, decoded, blend, 3);
-                }
-                row.push(decoded);
-            }
-            rows.push(row);
-        }
-        let crop = |t: &Tensor<4>| {
-            let [_, _, th, tw] = t.dims();
-            t.clone().narrow(2, 0, keep.min(th)).narrow(3, 0, keep.min(tw))
-        };
-        let joined = rows.iter().map(|row| Tensor::cat(row.iter().map(crop).collect(), 3)).collect();
-        Tensor::cat(joined, 2)
+        tiled(z, tile, tile * factor, |part| self.forward(part, probe))
     }
+}
+
+/// diffusers' tiling (`tiled_decode`, `_tiled_encode`): `x` cut into `tile`×`tile` tiles that
+/// overlap by a quarter, each run through `f` (which makes it `out_tile`×`out_tile`), each
+/// result blended into its upper then its left neighbour (already blended) over a quarter of
+/// an output tile, as diffusers blends in place, then the tiles cropped and joined.
+///
+/// # Shapes
+/// - x: `[N, C, H, W]` → `[N, C', H·s, W·s]` with `s = out_tile / tile`
+fn tiled(x: Tensor<4>, tile: usize, out_tile: usize, mut f: impl FnMut(Tensor<4>) -> Tensor<4>) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    let stride = (tile as f64 * (1.0 - TILE_OVERLAP)) as usize;
+    let blend = (out_tile as f64 * TILE_OVERLAP) as usize;
+    let keep = out_tile - blend;
+    let mut rows: Vec<Vec<Tensor<4>>> = Vec::new();
+    for i in (0..h).step_by(stride.max(1)) {
+        let mut row: Vec<Tensor<4>> = Vec::new();
+        for j in (0..w).step_by(stride.max(1)) {
+            let mut out = f(x.clone().narrow(2, i, tile.min(h - i)).narrow(3, j, tile.min(w - j)));
+            if let Some(above) = rows.last() {
+                out = blend_edges(&above[row.len()], out, blend, 2);
+            }
+            if let Some(left) = row.last() {
+                out = blend_edges(left, out, blend, 3);
+            }
+            row.push(out);
+        }
+        rows.push(row);
+    }
+    let crop = |t: &Tensor<4>| {
+        let [_, _, th, tw] = t.dims();
+        t.clone().narrow(2, 0, keep.min(th)).narrow(3, 0, keep.min(tw))
+    };
+    let joined = rows.iter().map(|row| Tensor::cat(row.iter().map(crop).collect(), 3)).collect();
+    Tensor::cat(joined, 2)
 }
 
 /// The tiles' overlap, as a fraction of a tile (diffusers' `tile_overlap_factor`).
@@ -417,6 +455,16 @@ impl Encoder {
             probe.check(|| "quant_conv".into(), &x);
         }
         x
+    }
+
+    /// diffusers' `AutoencoderKL._tiled_encode`: the image cut into `tile`×`tile` pixel tiles
+    /// (see [`tiled`]), each encoded alone.
+    ///
+    /// # Shapes
+    /// - x: `[N, in, H, W]` → `[N, 2·latent, H/f, W/f]`
+    pub fn forward_tiled(&self, x: Tensor<4>, tile: usize, probe: &mut impl Probe) -> Tensor<4> {
+        let factor = 1 << (self.down_blocks.len() - 1);
+        tiled(x, tile, tile / factor, |part| self.forward(part, probe))
     }
 
     /// The distribution's mode (its mean), as `latent_dist.mode()`.

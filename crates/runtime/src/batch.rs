@@ -10,8 +10,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::error::RuntimeError;
-use crate::pipeline::Request;
+use crate::request::Request;
+
+/// A prompt file or an output name that cannot be used; the message names the flag.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BatchError(String);
 
 /// One line of a prompt file: the prompt and what it overrides.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -20,20 +24,33 @@ pub struct PromptLine {
     pub prompt: String,
     pub negative_prompt: Option<String>,
     pub seed: Option<u64>,
+    /// Also read as diffusers names it.
+    #[serde(alias = "num_inference_steps")]
     pub steps: Option<usize>,
+    /// Also read as diffusers (`guidance_scale`) and A1111 (`cfg_scale`) name it.
+    #[serde(alias = "guidance_scale", alias = "cfg_scale")]
     pub guidance: Option<f32>,
     pub width: Option<usize>,
     pub height: Option<usize>,
+    /// img2img: the picture to start from (relative to the prompt file's folder).
+    pub init_image: Option<PathBuf>,
+    pub strength: Option<f64>,
     /// The line number in the file (from 1), for names and messages.
     #[serde(skip)]
     pub line: usize,
 }
 
 /// Reads a prompt file (see the module doc).
-pub fn read_prompts(path: &Path) -> Result<Vec<PromptLine>, RuntimeError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| RuntimeError::Input(format!("--prompts {}: {e}", path.display())))?;
-    parse_prompts(&text).map_err(|m| RuntimeError::Input(format!("--prompts {}: {m}", path.display())))
+pub fn read_prompts(path: &Path) -> Result<Vec<PromptLine>, BatchError> {
+    let text = std::fs::read_to_string(path).map_err(|e| BatchError(format!("--prompts {}: {e}", path.display())))?;
+    let mut lines = parse_prompts(&text).map_err(|m| BatchError(format!("--prompts {}: {m}", path.display())))?;
+    let folder = path.parent().unwrap_or(Path::new(""));
+    for line in &mut lines {
+        if let Some(image) = &mut line.init_image {
+            *image = folder.join(&*image);
+        }
+    }
+    Ok(lines)
 }
 
 /// [`read_prompts`] on text.
@@ -71,6 +88,10 @@ pub struct Item {
     pub line: usize,
     /// The image's number for its prompt, from 0.
     pub n: usize,
+    /// The line's own init image, if it names one.
+    pub init_image: Option<PathBuf>,
+    /// Whether the line sets the width and the height itself.
+    pub sized: [bool; 2],
 }
 
 /// The batch: `count` images per line, each line's overrides applied to `defaults`.
@@ -88,7 +109,9 @@ pub fn expand(lines: &[PromptLine], count: usize, defaults: &Request) -> Vec<Ite
             r.guidance = line.guidance.unwrap_or(r.guidance);
             r.width = line.width.unwrap_or(r.width);
             r.height = line.height.unwrap_or(r.height);
-            items.push(Item { request: r, index: items.len(), line: line.line, n });
+            r.strength = line.strength.unwrap_or(r.strength);
+            let (init_image, sized) = (line.init_image.clone(), [line.width.is_some(), line.height.is_some()]);
+            items.push(Item { request: r, index: items.len(), line: line.line, n, init_image, sized });
         }
     }
     items
@@ -135,17 +158,17 @@ pub fn output_name(template: &str, item: &Item) -> Result<PathBuf, String> {
 
 /// Every item's output path, checked before any work: distinct names, and no existing file
 /// unless `overwrite`.
-pub fn output_paths(template: &str, items: &[Item], overwrite: bool) -> Result<Vec<PathBuf>, RuntimeError> {
-    let paths = items.iter().map(|i| output_name(template, i)).collect::<Result<Vec<_>, _>>().map_err(|m| RuntimeError::Input(format!("--output {m}")))?;
+pub fn output_paths(template: &str, items: &[Item], overwrite: bool) -> Result<Vec<PathBuf>, BatchError> {
+    let paths = items.iter().map(|i| output_name(template, i)).collect::<Result<Vec<_>, _>>().map_err(|m| BatchError(format!("--output {m}")))?;
     for (i, p) in paths.iter().enumerate() {
         if let Some(j) = paths[..i].iter().position(|q| q == p) {
-            return Err(RuntimeError::Input(format!(
+            return Err(BatchError(format!(
                 "--output `{template}` names images {j} and {i} both {}; add {{index}} or {{seed}} to the template",
                 p.display()
             )));
         }
         if p.exists() && !overwrite {
-            return Err(RuntimeError::Input(format!(
+            return Err(BatchError(format!(
                 "{} already exists; pass --overwrite to replace it, or choose another --output",
                 p.display()
             )));
@@ -165,6 +188,8 @@ mod tests {
         assert_eq!((lines[0].prompt.as_str(), lines[0].line), ("a cat", 1));
         assert_eq!((lines[1].seed, lines[1].width, lines[1].line), (Some(7), Some(512), 4));
         assert!(parse_prompts("{\"prompt\": \"x\", \"sed\": 1}").unwrap_err().contains("line 1"));
+        let aliases = parse_prompts("{\"prompt\": \"x\", \"num_inference_steps\": 30, \"guidance_scale\": 4.5}\n{\"prompt\": \"y\", \"cfg_scale\": 6}").unwrap();
+        assert_eq!((aliases[0].steps, aliases[0].guidance, aliases[1].guidance), (Some(30), Some(4.5), Some(6.0)));
         assert!(parse_prompts("{\"prompt\": \"  \"}").unwrap_err().contains("empty"));
         assert!(parse_prompts("# nothing\n").is_err());
     }

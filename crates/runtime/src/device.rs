@@ -15,7 +15,18 @@ use burn::tensor::wgpu::{WgpuBackend, wgpu};
 use burn::tensor::{DType, Device, DeviceKind};
 use serde::Serialize;
 
-use crate::error::DeviceError;
+/// Why an adapter cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("--device {index}: there is no such adapter ({count} listed by `cogview devices`)")]
+    NoSuchDevice { index: usize, count: usize },
+    #[error("--device {index} is {adapter}, not a {backend} adapter: drop --backend or pick another device")]
+    BackendMismatch { index: usize, adapter: String, backend: Api },
+    #[error("--backend {api}: this machine has no {api} adapter (see `cogview devices`)")]
+    NoAdapterOnApi { api: Api },
+    #[error("{adapter} could not be started: {reason}")]
+    Init { adapter: String, reason: String },
+}
 
 /// The graphics API an adapter is reached through, or burn's CPU backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
@@ -260,21 +271,56 @@ fn vendor_name(id: u32) -> &'static str {
     }
 }
 
-/// Every adapter of every API this build of wgpu has, in a stable order (API, then the API's
-/// own order), followed by burn's CPU backend. Nothing is initialised.
-pub fn enumerate() -> Vec<AdapterInfo> {
+/// Which graphics APIs a listing looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// None: only burn's CPU backend (`--device cpu` starts no graphics API).
+    CpuOnly,
+    /// Vulkan, Metal and DX12, where cogview computes. GL is left out: probing it starts EGL,
+    /// whose platform probing prints driver messages of its own on machines without a display
+    /// session (`XDG_RUNTIME_DIR is invalid or not set`), and GL only ever runs WGSL.
+    Compute,
+    /// Every API, GL included (`devices --all`, `--backend gl`, or a `--device N` past the
+    /// others: GL adapters are listed last, so every other index is the same in both).
+    All,
+}
+
+impl Scope {
+    /// What a `--device`/`--backend` choice needs to look at.
+    pub fn of(device: DeviceChoice, backend: BackendChoice) -> Self {
+        match (device, backend) {
+            (DeviceChoice::Cpu, _) => Scope::CpuOnly,
+            (_, BackendChoice::Only(Api::Gl)) => Scope::All,
+            _ => Scope::Compute,
+        }
+    }
+
+    fn includes(self, api: Api) -> bool {
+        match self {
+            Scope::CpuOnly => api == Api::Cpu,
+            Scope::Compute => api != Api::Gl,
+            Scope::All => true,
+        }
+    }
+}
+
+/// The adapters of the APIs in `scope` this build of wgpu has, in a stable order (API, then
+/// the API's own order), followed by burn's CPU backend. Nothing is initialised.
+pub fn enumerate(scope: Scope) -> Vec<AdapterInfo> {
     let mut out = Vec::new();
     let enabled = wgpu::Instance::enabled_backend_features();
-    for api in Api::GPU {
+    for api in Api::GPU.into_iter().filter(|a| scope.includes(*a)) {
         let (backend, _) = api.wgpu().expect("GPU APIs map to wgpu");
         if !enabled.contains(backend.into()) {
             continue;
         }
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-            backends: backend.into(),
-            ..wgpu::InstanceDescriptor::new_without_display_handle()
+        let adapters = crate::driver_output::captured(&format!("listing {api} adapters"), || {
+            let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+                backends: backend.into(),
+                ..wgpu::InstanceDescriptor::new_without_display_handle()
+            });
+            pollster::block_on(instance.enumerate_adapters(backend.into()))
         });
-        let adapters = pollster::block_on(instance.enumerate_adapters(backend.into()));
         let mut seen: HashMap<AdapterType, usize> = HashMap::new();
         for adapter in adapters {
             let info = adapter.get_info();
@@ -406,6 +452,19 @@ pub fn select(
     }
 }
 
+/// The adapters a `--device`/`--backend` choice can pick from: [`enumerate`] over what
+/// [`Scope::of`] says, widened to every API when `--device N` names a GL adapter.
+pub fn candidates(device: DeviceChoice, backend: BackendChoice) -> Vec<AdapterInfo> {
+    let scope = Scope::of(device, backend);
+    let adapters = enumerate(scope);
+    match device {
+        DeviceChoice::Index(n) if scope == Scope::Compute && !adapters.iter().any(|a| a.index == Some(n)) => {
+            enumerate(Scope::All)
+        }
+        _ => adapters,
+    }
+}
+
 /// The adapter a run uses, with the warning to show about it, if any.
 #[derive(Clone, Debug)]
 pub struct Selection {
@@ -433,8 +492,8 @@ pub fn open(adapter: &AdapterInfo) -> Result<Device, DeviceError> {
             let kind = adapter.burn_kind.clone();
             // A driver can panic inside wgpu or cubecl while a device comes up; that is this
             // adapter's failure, reported as such, not a crash of the whole listing.
-            let init = std::panic::catch_unwind(|| {
-                Device::wgpu_options().graphics_api(api).device_kind(kind).init()
+            let init = crate::driver_output::captured(&format!("starting {}", adapter.label()), || {
+                std::panic::catch_unwind(|| Device::wgpu_options().graphics_api(api).device_kind(kind).init())
             });
             match init {
                 Ok(Ok(device)) => device,
@@ -472,6 +531,29 @@ pub fn capabilities(device: &Device) -> Capabilities {
         f32: usage(DType::F32),
         f16: usage(DType::F16),
         bf16: usage(DType::BF16),
+    }
+}
+
+/// The sizes a device limits buffers and memory to, read once when the device is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    /// The device memory the adapter reports (Vulkan: its largest device-local heap; Metal:
+    /// the recommended working set).
+    pub memory: Option<u64>,
+    /// The largest buffer burn allocates (cubecl's page size: the storage-binding limit, 128 MiB
+    /// on lavapipe, about 2 GiB on most Vulkan and DX12 drivers). `None` on the CPU backend.
+    pub max_buffer: Option<u64>,
+}
+
+/// The [`Limits`] of `device`.
+pub fn limits(device: &Device) -> Limits {
+    match device.as_dispatch() {
+        burn::backend::DispatchDevice::Cube(d) => {
+            let client = d.client();
+            let memory = &client.properties().memory;
+            Limits { memory: memory.max_memory(), max_buffer: Some(memory.max_page_size) }
+        }
+        _ => Limits::default(),
     }
 }
 
@@ -547,6 +629,21 @@ mod tests {
         let s = select(&m, DeviceChoice::Index(0), BackendChoice::Auto).unwrap();
         assert_eq!(s.adapter.adapter_type, Software);
         assert!(s.warning.is_some());
+    }
+
+    #[test]
+    fn gl_is_probed_only_when_asked_for_and_cpu_probes_nothing() {
+        use DeviceChoice as D;
+        assert_eq!(Scope::of(D::Cpu, BackendChoice::Auto), Scope::CpuOnly);
+        assert_eq!(Scope::of(D::Cpu, BackendChoice::Only(Api::Gl)), Scope::CpuOnly);
+        assert_eq!(Scope::of(D::Auto, BackendChoice::Auto), Scope::Compute);
+        assert_eq!(Scope::of(D::Index(0), BackendChoice::Only(Api::Vulkan)), Scope::Compute);
+        assert_eq!(Scope::of(D::Auto, BackendChoice::Only(Api::Gl)), Scope::All);
+        assert!(Api::GPU.iter().all(|a| !Scope::CpuOnly.includes(*a)));
+        assert!(!Scope::Compute.includes(Api::Gl) && Scope::Compute.includes(Api::Vulkan));
+        assert!(Api::GPU.iter().all(|a| Scope::All.includes(*a)));
+        // GL adapters come last, so the other indices do not depend on whether GL is listed.
+        assert_eq!(Api::GPU.last(), Some(&Api::Gl));
     }
 
     #[test]

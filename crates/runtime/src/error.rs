@@ -1,31 +1,14 @@
-//! The runtime's errors. Each message names what went wrong and what to do about it.
+//! The runtime's error: each message names what went wrong and what to do about it.
 
-use crate::device::Api;
+use serde::Serialize;
 
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    #[error("--device {index}: there is no such adapter ({count} listed by `cogview devices`)")]
-    NoSuchDevice { index: usize, count: usize },
-    #[error("--device {index} is {adapter}, not a {backend} adapter: drop --backend or pick another device")]
-    BackendMismatch { index: usize, adapter: String, backend: Api },
-    #[error("--backend {api}: this machine has no {api} adapter (see `cogview devices`)")]
-    NoAdapterOnApi { api: Api },
-    #[error("{adapter} could not be started: {reason}")]
-    Init { adapter: String, reason: String },
-}
+use crate::device::DeviceError;
+use crate::dtype::ComputeDtype;
+use crate::precision::PrecisionError;
+use crate::progress::Stage;
+use crate::request::RequestError;
 
-#[derive(Debug, thiserror::Error)]
-pub enum PrecisionError {
-    #[error("--precision {requested}: {adapter} lacks {missing}; use --precision auto or f32")]
-    Unsupported { requested: &'static str, adapter: String, missing: String },
-    #[error(
-        "--precision {requested}: {adapter} claims {requested} but computes it wrongly \
-         (self-test error {error:.3e} > {tolerance:.1e}); use --precision auto or f32"
-    )]
-    SelfTestFailed { requested: &'static str, adapter: String, error: f64, tolerance: f64 },
-}
-
-/// Any runtime failure, for callers that do not care which stage.
+/// Any runtime failure.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error(transparent)]
@@ -34,9 +17,54 @@ pub enum RuntimeError {
     Precision(#[from] PrecisionError),
     #[error(transparent)]
     Import(#[from] cogview_import::ImportError),
-    /// A request that cannot run (size, steps, latents): the message names the flag.
+    /// A request that cannot run; the message names the field (as its CLI flag).
+    #[error(transparent)]
+    Request(#[from] RequestError),
     #[error("{0}")]
-    Input(String),
-    #[error("{0}")]
-    NonFinite(crate::guard::NonFinite),
+    NonFinite(NonFinite),
+    /// [`crate::Progress::cancelled`] said stop.
+    #[error("cancelled in the {stage}{}", step.map(|s| format!(" before step {s}")).unwrap_or_default())]
+    Cancelled { stage: Stage, step: Option<usize> },
+}
+
+impl RuntimeError {
+    /// The stage a failure happened in, when it happened on the device.
+    pub fn stage(&self) -> Option<Stage> {
+        match self {
+            RuntimeError::NonFinite(n) => Some(n.stage),
+            RuntimeError::Cancelled { stage, .. } => Some(*stage),
+            _ => None,
+        }
+    }
+}
+
+/// Where a non-finite value was found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NonFinite {
+    pub stage: Stage,
+    /// The denoising step (0-based) and its timestep, for the transformer.
+    pub step: Option<(usize, i64)>,
+    /// The first module with a non-finite output, when localisation found one.
+    pub module: Option<String>,
+    /// Non-finite values in the stage's output.
+    pub count: u64,
+    /// The dtype the stage computed in.
+    pub dtype: ComputeDtype,
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} non-finite value(s) (NaN/inf) in the {}", self.count, self.stage)?;
+        if let Some((i, t)) = self.step {
+            write!(f, " at step {i} (timestep {t})")?;
+        }
+        match &self.module {
+            Some(m) => write!(f, ", first in {m}")?,
+            None => write!(f, " (no single module's output was non-finite)")?,
+        }
+        match self.dtype {
+            ComputeDtype::F32 => write!(f, ", computing in f32: the weights are probably broken (a sound model never gets here in f32)"),
+            reduced => write!(f, ", computing in {reduced}: use --precision f32"),
+        }
+    }
 }

@@ -23,18 +23,11 @@ impl PeakMemory {
             self.reserved = Some(self.reserved.unwrap_or(0).max(u.bytes_reserved));
         }
     }
-}
 
-/// A probe that samples device memory at every module output: a stage's peak seen between
-/// modules (what a module keeps alive while the next runs), not only between calls. Each sample
-/// waits for the device, so only the benchmark uses it.
-pub struct PeakProbe<'a> {
-    pub device: &'a Device,
-    pub peak: &'a mut PeakMemory,
-}
-
-impl cogview_models::Probe for PeakProbe<'_> {
-    fn check<const D: usize>(&mut self, _name: impl FnOnce() -> String, _output: &burn::tensor::Tensor<D>) {
-        self.peak.sample(self.device);
+    /// The larger of both, figure by figure.
+    pub fn merge(&mut self, other: PeakMemory) {
+        let max = |a: Option<u64>, b: Option<u64>| a.max(b);
+        self.in_use = max(self.in_use, other.in_use);
+        self.reserved = max(self.reserved, other.reserved);
     }
 }

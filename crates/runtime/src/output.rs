@@ -39,19 +39,28 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::File) -> R
 
 /// An 8-bit RGB PNG with `(key, value)` tEXt chunks (iTXt for non-Latin-1 values).
 pub fn save_png(path: &Path, rgb: &[u8], width: usize, height: usize, text: &[(String, String)]) -> Result<(), OutputError> {
-    write_atomically(path, |file| {
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        for (k, v) in text {
-            let latin1 = v.chars().all(|c| (c as u32) < 256);
-            let r = if latin1 { enc.add_text_chunk(k.clone(), v.clone()) } else { enc.add_itxt_chunk(k.clone(), v.clone()) };
-            r.map_err(|e| e.to_string())?;
-        }
-        let mut writer = enc.write_header().map_err(|e| e.to_string())?;
-        writer.write_image_data(rgb).map_err(|e| e.to_string())?;
-        writer.finish().map_err(|e| e.to_string())
-    })
+    write_atomically(path, |file| encode_png(std::io::BufWriter::new(file), rgb, width, height, text))
+}
+
+/// [`save_png`]'s file, in memory (what the server sends).
+pub fn png_bytes(rgb: &[u8], width: usize, height: usize, text: &[(String, String)]) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::new();
+    encode_png(&mut bytes, rgb, width, height, text)?;
+    Ok(bytes)
+}
+
+fn encode_png(out: impl Write, rgb: &[u8], width: usize, height: usize, text: &[(String, String)]) -> Result<(), String> {
+    let mut enc = png::Encoder::new(out, width as u32, height as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    for (k, v) in text {
+        let latin1 = v.chars().all(|c| (c as u32) < 256);
+        let r = if latin1 { enc.add_text_chunk(k.clone(), v.clone()) } else { enc.add_itxt_chunk(k.clone(), v.clone()) };
+        r.map_err(|e| e.to_string())?;
+    }
+    let mut writer = enc.write_header().map_err(|e| e.to_string())?;
+    writer.write_image_data(rgb).map_err(|e| e.to_string())?;
+    writer.finish().map_err(|e| e.to_string())
 }
 
 /// The tEXt/iTXt chunks of a PNG, in order.
@@ -69,7 +78,7 @@ pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>, OutputError> 
 }
 
 /// `DIR/tensors.safetensors` with f32 `prompt_embeds`, `negative_prompt_embeds` (with CFG),
-/// `step_latents` and `image`.
+/// `init_latents` (img2img), `step_latents` and `image`.
 pub fn save_tensors(dir: &Path, t: &Tensors) -> Result<PathBuf, OutputError> {
     let path = dir.join("tensors.safetensors");
     let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
@@ -77,6 +86,9 @@ pub fn save_tensors(dir: &Path, t: &Tensors) -> Result<PathBuf, OutputError> {
         vec![("prompt_embeds", &t.prompt_embeds), ("step_latents", &t.step_latents), ("image", &t.image)];
     if let Some(n) = &t.negative_prompt_embeds {
         entries.push(("negative_prompt_embeds", n));
+    }
+    if let Some(i) = &t.init_latents {
+        entries.push(("init_latents", i));
     }
     let data: Vec<(String, Vec<u8>, Vec<usize>)> = entries.iter().map(|(k, (v, s))| (k.to_string(), bytes(v), s.clone())).collect();
     let views = data

@@ -2,122 +2,57 @@
 //! (negative prompt as diffusers does) → initial latents → N DDIM steps with classifier-free
 //! guidance → VAE decode → denormalize and clamp → 8-bit with round-half-to-even.
 //!
-//! Stage-wise: the text encoder is freed before the transformer is loaded, the transformer
-//! before the VAE, so device memory holds one component at a time.
+//! A [`Pipeline`] is loaded once (configs read, checkpoints opened and checked, nothing on the
+//! device yet) and runs any number of requests. A run goes stage by stage over all its
+//! requests: the text encoder for every distinct prompt, then the transformer for every image,
+//! then the VAE, so each component is loaded once per run and device memory holds one at a
+//! time. Between runs a component stays loaded when [`Options::keep_loaded`] is set and the
+//! memory plan finds room for it; the others are released and read from disk again when
+//! needed.
 //!
-//! Reference: huggingface/diffusers `src/diffusers/pipelines/cogview3/pipeline_cogview3plus.py`;
-//! shared spec `spec/cogview3plus.md` §1.
-
-use std::time::{Duration, Instant};
+//! Reference: huggingface/diffusers `src/diffusers/pipelines/cogview3/pipeline_cogview3plus.py`.
 
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
-use cogview_import::{Component, Loader, ModelFolder};
-use cogview_models::dit::{Dit, DitBlock, DitEmbeddings, SizeCondition};
+use cogview_import::ModelFolder;
+use cogview_models::Configs;
 use cogview_models::scheduler::DdimScheduler;
-use cogview_models::vae::Decoder;
-use cogview_models::{Probe, WeightSource, WeightStorage};
-use rand::SeedableRng;
-use rand_distr::Distribution;
 use serde::Serialize;
 
+use crate::decode::{Decoded, ImageDecoder, decode, host, pixel_std, to_rgb8};
+use crate::image_encoder::{ImageEncoder, encode_images};
+use crate::denoise::{Denoised, Denoiser, Start, denoise};
 use crate::error::RuntimeError;
-use crate::guard::{CheckFinite, FirstNonFinite, NonFinite, count_nonfinite};
-use crate::precision::{Precision, PrecisionDecision};
+use crate::guard::{CheckFinite, Guard};
 use crate::memory::PeakMemory;
 use crate::plan::{self, Budget, Plan, PlanInput, WeightsChoice};
-use crate::text::{TextEncoder, WeightsMode};
+use crate::progress::{Progress, Stage};
+use crate::request::{Field, Request, RequestError, seeded_noise};
+use crate::source::Source;
+use crate::target::Target;
+use crate::text::{Conditioning, Encoded, TextEncoder, encode_prompts};
 
-/// The model card's recommended sizes: 512–2048 per side, multiples of 32, at most 2^21 pixels.
-pub const RECOMMENDED: (usize, usize, usize, usize) = (512, 2048, 32, 1 << 21);
+/// A model: its configs and where its weights come from.
+pub struct Model {
+    pub configs: Configs,
+    pub source: Source,
+}
 
-/// Everything a generation needs besides the model and the device.
-#[derive(Clone, Debug, Serialize)]
-pub struct Request {
-    pub prompt: String,
-    /// `None`: zeros as the unconditional embedding (diffusers' default); `Some("")` encodes the
-    /// empty prompt.
-    pub negative_prompt: Option<String>,
-    pub steps: usize,
-    /// Classifier-free guidance is on when > 1.
-    pub guidance: f32,
-    pub width: usize,
-    pub height: usize,
-    pub seed: u64,
-    pub max_sequence_length: usize,
-    /// `(height, width)`; the output size when `None`.
-    pub original_size: Option<[usize; 2]>,
-    /// `(top, left)`.
-    pub crop_coords: [usize; 2],
-    /// Initial latents `[1, C, H/8, W/8]` instead of seeded noise.
-    #[serde(skip)]
-    pub latents: Option<Vec<f32>>,
-    /// Keep the embeddings, every step's latents and the float image.
-    pub keep_tensors: bool,
-    /// The adapter's largest storage binding, in bytes: attention is split so that no score
-    /// matrix passes it (see `AttentionLimits`), and the VAE tiles so that no tensor does.
-    pub max_binding_bytes: Option<u64>,
-    /// `--max-memory`: the device-memory budget the plan keeps to (default: what the adapter
-    /// reports, else 8 GiB).
-    pub max_memory: Option<u64>,
-    /// `--weights`: how the DiT and VAE matrices are stored.
+/// How a pipeline runs, besides the device.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// How the transformer and VAE matrices are stored (`--weights`).
     pub weights: WeightsChoice,
-}
-
-impl Request {
-    pub fn new(prompt: impl Into<String>) -> Self {
-        Self {
-            prompt: prompt.into(),
-            negative_prompt: None,
-            steps: 50,
-            guidance: 5.0,
-            width: 1024,
-            height: 1024,
-            seed: 0,
-            max_sequence_length: 224,
-            original_size: None,
-            crop_coords: [0, 0],
-            latents: None,
-            keep_tensors: false,
-            max_binding_bytes: None,
-            max_memory: None,
-            weights: WeightsChoice::Auto,
-        }
-    }
-
-    pub fn cfg(&self) -> bool {
-        self.guidance > 1.0
-    }
-}
-
-/// Checks a size against the model: an error for what cannot run, warnings for what the model
-/// card does not recommend.
-pub fn check_size(folder: &ModelFolder, width: usize, height: usize) -> Result<Vec<String>, RuntimeError> {
-    let vae = folder.vae.scale_factor();
-    let p = folder.transformer.patch_size;
-    let multiple = vae * p;
-    let max = folder.transformer.pos_embed_max_size * multiple;
-    for (name, v) in [("--width", width), ("--height", height)] {
-        if v == 0 || v % multiple != 0 {
-            return Err(RuntimeError::Input(format!(
-                "{name} {v}: must be a positive multiple of {multiple} (VAE factor {vae} × patch {p})"
-            )));
-        }
-        if v > max {
-            return Err(RuntimeError::Input(format!(
-                "{name} {v}: at most {max} (the position table covers {} patches per side)",
-                folder.transformer.pos_embed_max_size
-            )));
-        }
-    }
-    let (lo, hi, m, area) = RECOMMENDED;
-    let mut warnings = Vec::new();
-    if width < lo || height < lo || width > hi || height > hi || width % m != 0 || height % m != 0 || width * height > area {
-        warnings.push(format!(
-            "{width}x{height} is outside the model card's recommended sizes ({lo}–{hi} per side, multiples of {m}, \
-             at most {area} pixels): expect lower quality"
-        ));
-    }
-    Ok(warnings)
+    /// The device-memory budget (`--max-memory`; default: what the adapter reports, else 8 GiB).
+    pub max_memory: Option<u64>,
+    /// `--check-finite`.
+    pub check: CheckFinite,
+    /// Sample device memory at every module output (the benchmark's view; each sample waits
+    /// for the device).
+    pub sample_modules: bool,
+    /// Keep components loaded between runs where the memory plan finds room (a long-lived
+    /// pipeline: a server, a GUI). A one-shot run leaves it off, so each stage holds only its
+    /// own component.
+    pub keep_loaded: bool,
 }
 
 /// What a stage took.
@@ -132,6 +67,8 @@ pub struct StageStats {
 pub struct Tensors {
     pub prompt_embeds: (Vec<f32>, Vec<usize>),
     pub negative_prompt_embeds: Option<(Vec<f32>, Vec<usize>)>,
+    /// img2img: the init image's latents (`mode() · scaling_factor`).
+    pub init_latents: Option<(Vec<f32>, Vec<usize>)>,
     pub step_latents: (Vec<f32>, Vec<usize>),
     pub image: (Vec<f32>, Vec<usize>),
 }
@@ -144,144 +81,20 @@ pub struct Output {
     pub width: usize,
     pub height: usize,
     pub text: StageStats,
+    /// img2img's VAE encoder.
+    pub encode_image: Option<StageStats>,
     pub denoise: StageStats,
     pub decode: StageStats,
     /// Per-step seconds.
     pub step_seconds: Vec<f64>,
+    /// Per step, the seconds of the non-finite check (included in the step's).
+    pub guard_seconds: Vec<f64>,
     pub tensors: Option<Tensors>,
     pub warnings: Vec<String>,
     /// Stages redone in f32 after going non-finite under `--precision auto`.
     pub fallbacks: Vec<String>,
     /// The memory plan the run followed.
     pub plan: Plan,
-}
-
-/// Progress events, for a progress bar.
-pub trait Progress {
-    fn stage(&mut self, _name: &'static str, _steps: usize) {}
-    fn step(&mut self, _done: usize, _elapsed: Duration) {}
-    fn finish(&mut self) {}
-}
-
-/// No progress reporting.
-pub struct Quiet;
-impl Progress for Quiet {}
-
-/// The seeded initial noise: `ChaCha8Rng::seed_from_u64(seed)` (rand_chacha 0.9), standard
-/// normal samples (rand_distr 0.5's `StandardNormal`) in f32, filled in NCHW order. The same
-/// seed gives the same latents on every machine and device.
-pub fn seeded_noise(seed: u64, len: usize) -> Vec<f32> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..len).map(|_| rand_distr::StandardNormal.sample(&mut rng)).collect()
-}
-
-fn host<const D: usize>(t: &Tensor<D>) -> (Vec<f32>, Vec<usize>) {
-    let shape = t.dims().to_vec();
-    (t.clone().into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default(), shape)
-}
-
-/// numpy's `(x * 255).round().astype(uint8)` on values already clamped to [0, 1].
-pub fn to_u8(x: f32) -> u8 {
-    let v = x * 255.0;
-    let r = v.round();
-    let r = if (v - v.trunc()).abs() == 0.5 { 2.0 * (v / 2.0).round() } else { r };
-    r.clamp(0.0, 255.0) as u8
-}
-
-/// How a run treats non-finite values.
-#[derive(Clone, Debug)]
-pub struct Guarding {
-    /// The precision decision: under `auto` below f32, a stage that goes non-finite is redone
-    /// in f32; otherwise the run stops.
-    pub precision: PrecisionDecision,
-    pub check: CheckFinite,
-}
-
-impl Guarding {
-    pub fn new(precision: PrecisionDecision) -> Self {
-        Self { precision, check: CheckFinite::Stages }
-    }
-
-    fn probe(&self) -> FirstNonFinite {
-        FirstNonFinite { enabled: self.check == CheckFinite::All, found: None }
-    }
-
-    /// What to do about a non-finite stage output: `Ok(())` to redo the stage in f32 (recorded
-    /// in `fallbacks`), or the error that stops the run.
-    fn on_hit(&self, hit: NonFinite, dtype: DType, fallbacks: &mut Vec<String>) -> Result<(), RuntimeError> {
-        if self.precision.requested == Precision::Auto && dtype != DType::F32 {
-            let note = format!("{hit}; redone in f32 (--precision auto)");
-            tracing::warn!("{note}");
-            fallbacks.push(note);
-            Ok(())
-        } else {
-            Err(RuntimeError::NonFinite(hit))
-        }
-    }
-}
-
-fn dtype_name(dtype: DType) -> String {
-    match dtype {
-        DType::F32 => "f32".into(),
-        DType::BF16 => "bf16".into(),
-        DType::F16 => "f16".into(),
-        other => format!("{other:?}").to_lowercase(),
-    }
-}
-
-/// The first non-finite module of a call: the probe of the call itself when it was on, else
-/// the call again with the probe on.
-fn localise(found: Option<(String, u64)>, rerun: impl FnOnce(&mut FirstNonFinite)) -> Option<String> {
-    if let Some((m, _)) = found {
-        return Some(m);
-    }
-    let mut probe = FirstNonFinite::on();
-    rerun(&mut probe);
-    probe.found.map(|(m, _)| m)
-}
-
-/// The memory plan of `request` on `device` in `compute`, from the configs and the
-/// checkpoints' headers (no weight is read). Without checkpoints (a folder of configs only) the
-/// weights are taken to be bf16, as the published ones are.
-pub fn plan(folder: &ModelFolder, device: &Device, compute: DType, request: &Request) -> Result<Plan, RuntimeError> {
-    let bf16 = |c| folder.open_weights(c).map(|(ck, _)| ck.is_bf16()).unwrap_or(true);
-    let checkpoint_bf16 = bf16(Component::Transformer) && bf16(Component::Vae);
-    let caps = crate::device::capabilities(device);
-    Ok(plan::make(&PlanInput {
-        t5: &folder.text_encoder,
-        dit: &folder.transformer,
-        vae: &folder.vae,
-        width: request.width,
-        height: request.height,
-        cfg: request.cfg(),
-        text_len: request.max_sequence_length,
-        compute,
-        weights: request.weights,
-        checkpoint_bf16,
-        caps: &caps,
-        budget: Budget::new(request.max_memory, plan::adapter_memory(device)),
-        max_binding: request.max_binding_bytes.or_else(|| cogview_models::storage::max_buffer_bytes(device)),
-    }))
-}
-
-/// The transformer, resident or streamed as the plan says.
-enum Denoiser {
-    Resident(Dit),
-    /// The embeddings resident, each block read from the checkpoint when the call reaches it.
-    Streamed(DitEmbeddings, cogview_import::Checkpoint),
-}
-
-/// Runs the whole pipeline for one request: [`generate_batch`] of one.
-pub fn generate(
-    folder: &ModelFolder,
-    device: &Device,
-    guard: &Guarding,
-    request: &Request,
-    plan: &Plan,
-    progress: &mut impl Progress,
-) -> Result<Output, RuntimeError> {
-    let mut batch = generate_batch(folder, device, guard, std::slice::from_ref(request), plan, progress)?;
-    Ok(batch.outputs.pop().expect("one output per request"))
 }
 
 /// What a batch gave.
@@ -293,48 +106,149 @@ pub struct Batch {
     pub encoder_calls: usize,
 }
 
-/// One request's state between stages.
-struct Job {
-    scheduler: DdimScheduler,
-    latents: Tensor<4>,
-    cond: Tensor<3>,
-    uncond: Option<Tensor<3>>,
-    step_latents: Vec<Tensor<4>>,
-    step_seconds: Vec<f64>,
-    warnings: Vec<String>,
+/// A loaded pipeline: the model, the device it runs on, and the components kept loaded
+/// between runs.
+pub struct Pipeline {
+    model: Model,
+    target: Target,
+    options: Options,
+    guard: Guard,
+    text: Option<TextEncoder>,
+    image_encoder: Option<ImageEncoder>,
+    transformer: Option<Denoiser>,
+    vae: Option<ImageDecoder>,
 }
 
-/// Runs the pipeline for every request, stage by stage: the text encoder once for the batch
-/// (each distinct prompt encoded once), then the transformer for every image, then the VAE,
-/// so each component is loaded once and device memory holds one at a time. Follows `plan`
-/// (from [`plan`], made for the largest image).
-pub fn generate_batch(
-    folder: &ModelFolder,
-    device: &Device,
-    guard: &Guarding,
-    requests: &[Request],
-    plan: &Plan,
-    progress: &mut impl Progress,
-) -> Result<Batch, RuntimeError> {
-    let dtype = guard.precision.dtype.dtype();
-    let mut fallbacks = Vec::new();
-    tracing::info!(
-        "plan: text {} · transformer {} · VAE {} · weights {} ({}) · budget {} ({})",
-        plan.text.mode, plan.denoise.mode, plan.decode.mode, plan.storage, plan.storage_reason,
-        plan::human(plan.budget.bytes), plan.budget.source
-    );
-    // A stage redone in f32 after an f16 overflow keeps its weights in f32.
-    let storage_for = |d: DType| if d == dtype { plan.weight_storage } else { WeightStorage::Compute };
-    let vae_factor = folder.vae.scale_factor();
-    let channels = folder.transformer.in_channels;
+impl Pipeline {
+    /// A diffusers folder's pipeline on `target`: the tokenizer and checkpoints are opened and
+    /// every key checked against the configs; no weight is read until a stage needs it.
+    pub fn load(folder: ModelFolder, target: Target, options: Options) -> Result<Self, RuntimeError> {
+        let configs = folder.configs.clone();
+        Ok(Self::new(Model { configs, source: Source::folder(folder)? }, target, options))
+    }
 
-    // ---- checks and initial latents, before anything is loaded ----
-    let mut jobs = Vec::new();
-    for request in requests {
-        let mut warnings = check_size(folder, request.width, request.height)?;
-        warnings.extend(plan.warnings.iter().cloned());
-        let (h, w) = (request.height / vae_factor, request.width / vae_factor);
-        let scheduler = DdimScheduler::new(&folder.scheduler, request.steps).map_err(|e| RuntimeError::Input(e.to_string()))?;
+    /// A pipeline on random weights (and made-up token ids) of `configs`: the benchmark's.
+    pub fn random(configs: Configs, target: Target, options: Options) -> Self {
+        Self::new(Model { configs, source: Source::Random }, target, options)
+    }
+
+    fn new(model: Model, target: Target, options: Options) -> Self {
+        let guard = Guard { precision: target.precision.clone(), check: options.check };
+        Self { model, target, options, guard, text: None, image_encoder: None, transformer: None, vae: None }
+    }
+
+    pub fn configs(&self) -> &Configs {
+        &self.model.configs
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// Stored bytes read from the checkpoints so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.model.source.bytes_read()
+    }
+
+    /// The memory plan for `requests` (made for the largest image), as [`Self::run`] follows
+    /// it. No weight is read.
+    pub fn plan(&self, requests: &[Request]) -> Result<Plan, RuntimeError> {
+        plan_for(&self.model.configs, self.model.source.is_bf16(), &self.target, &self.options, requests)
+    }
+
+    /// One image: [`Self::generate_batch`] of one.
+    pub fn generate(&mut self, request: &Request, progress: &mut impl Progress) -> Result<Output, RuntimeError> {
+        let mut batch = self.generate_batch(std::slice::from_ref(request), progress)?;
+        Ok(batch.outputs.pop().expect("one output per request"))
+    }
+
+    /// Every request, stage by stage, following [`Self::plan`].
+    pub fn generate_batch(&mut self, requests: &[Request], progress: &mut impl Progress) -> Result<Batch, RuntimeError> {
+        let plan = self.plan(requests)?;
+        self.run(requests, &plan, progress)
+    }
+
+    /// Every request, stage by stage, following `plan` (from [`Self::plan`], possibly edited:
+    /// the tests force streaming or tiling this way). Nothing is loaded before every request
+    /// has passed its checks.
+    pub fn run(&mut self, requests: &[Request], plan: &Plan, progress: &mut impl Progress) -> Result<Batch, RuntimeError> {
+        let mut warnings = Vec::new();
+        for r in requests {
+            let mut w = r.validate(&self.model.configs)?;
+            w.extend(plan.warnings.iter().cloned());
+            warnings.push(w);
+        }
+        let starts = requests.iter().zip(&mut warnings).map(|(r, w)| self.start(r, w)).collect::<Result<Vec<_>, _>>()?;
+        tracing::info!(
+            "plan: text {} · transformer {} · VAE {} · weights {} ({}) · budget {} ({})",
+            plan.text.mode, plan.denoise.mode, plan.decode.mode, plan.storage, plan.storage_reason,
+            plan::human(plan.budget.bytes), plan.budget.source
+        );
+        let mut run = Run::new(&self.model, &self.target, &self.guard, &self.options, plan, progress);
+        let encoded = encode_prompts(&mut run, &mut self.text, requests)?;
+        let (init_latents, image_stats) = encode_images(&mut run, &mut self.image_encoder, requests)?;
+        let starts = starts.into_iter().zip(requests).zip(&init_latents).map(|((s, r), init)| match init {
+            Some(init) => s.from_image(init.clone(), r.steps, r.strength),
+            None => s,
+        });
+        let (denoised, denoise_stats) = denoise(&mut run, &mut self.transformer, requests, &encoded.conditionings, starts.collect())?;
+        let latents = denoised.iter().map(|d| d.latents.clone()).collect();
+        let (images, decode_stats) = decode(&mut run, &mut self.vae, latents)?;
+        run.progress.finish();
+        let fallbacks = run.fallbacks;
+        let stats = Stats { text: encoded.stats, encode_image: plan.encode_image.map(|_| image_stats), denoise: denoise_stats, decode: decode_stats };
+        let outputs = requests
+            .iter()
+            .zip(encoded.conditionings)
+            .zip(init_latents)
+            .zip(denoised)
+            .zip(images)
+            .zip(warnings)
+            .map(|(((((r, c), init), d), image), w)| output(r, Stages { conditioning: c, init, denoised: d, image }, w, &stats, &fallbacks, plan))
+            .collect();
+        Ok(Batch { outputs, encoder_calls: encoded.encoder_calls })
+    }
+
+    /// The text stage alone (the benchmark's): each request's conditioning.
+    pub fn encode_prompts(&mut self, requests: &[Request], plan: &Plan, progress: &mut impl Progress) -> Result<Encoded, RuntimeError> {
+        let mut run = Run::new(&self.model, &self.target, &self.guard, &self.options, plan, progress);
+        encode_prompts(&mut run, &mut self.text, requests)
+    }
+
+    /// The denoising stage alone (the benchmark's), from the requests' seeded or given noise.
+    pub fn denoise(
+        &mut self,
+        requests: &[Request],
+        conditionings: &[Conditioning],
+        plan: &Plan,
+        progress: &mut impl Progress,
+    ) -> Result<(Vec<Denoised>, StageStats), RuntimeError> {
+        let starts = requests.iter().map(|r| self.start(r, &mut Vec::new())).collect::<Result<Vec<_>, _>>()?;
+        let mut run = Run::new(&self.model, &self.target, &self.guard, &self.options, plan, progress);
+        denoise(&mut run, &mut self.transformer, requests, conditionings, starts)
+    }
+
+    /// The image-encoding stage alone (the benchmark's): each init image's latents.
+    pub fn encode_images(&mut self, requests: &[Request], plan: &Plan, progress: &mut impl Progress) -> Result<(Vec<Option<Tensor<4>>>, StageStats), RuntimeError> {
+        let mut run = Run::new(&self.model, &self.target, &self.guard, &self.options, plan, progress);
+        encode_images(&mut run, &mut self.image_encoder, requests)
+    }
+
+    /// The decoding stage alone (the benchmark's): float images `[1, 3, H, W]` in [0, 1].
+    pub fn decode(&mut self, latents: Vec<Tensor<4>>, plan: &Plan, progress: &mut impl Progress) -> Result<(Vec<Decoded>, StageStats), RuntimeError> {
+        let mut run = Run::new(&self.model, &self.target, &self.guard, &self.options, plan, progress);
+        decode(&mut run, &mut self.vae, latents)
+    }
+
+    /// Where `request`'s denoising starts: its scheduler and its noise (seeded, or the
+    /// request's latents), on the device in f32.
+    fn start(&self, request: &Request, warnings: &mut Vec<String>) -> Result<Start, RuntimeError> {
+        let scheduler = DdimScheduler::new(&self.model.configs.scheduler, request.steps)
+            .map_err(|_| RequestError::new(Field::Steps, &request.steps, format!("must be between 1 and {}", self.model.configs.scheduler.num_train_timesteps)))?;
         if scheduler.timesteps.len() != request.steps {
             warnings.push(format!(
                 "--steps {}: diffusers' trailing spacing yields {} timesteps for this count (the last is -1); \
@@ -343,324 +257,148 @@ pub fn generate_batch(
                 scheduler.timesteps.len()
             ));
         }
-        let latents0 = match &request.latents {
-            Some(l) if l.len() != channels * h * w => {
-                return Err(RuntimeError::Input(format!(
-                    "--latents: {} values, expected [1, {channels}, {h}, {w}] for {}x{}",
-                    l.len(),
-                    request.width,
-                    request.height
-                )));
-            }
+        let [c, h, w] = request.latent_shape(&self.model.configs);
+        let noise = match &request.latents {
             Some(l) => l.clone(),
-            None => seeded_noise(request.seed, channels * h * w),
+            None => seeded_noise(request.seed, c * h * w),
         };
-        let latents = Tensor::<4>::from_data(TensorData::new(latents0, [1, channels, h, w]), device);
-        let placeholder = Tensor::<3>::zeros([1, 1, 1], device);
-        jobs.push(Job {
-            scheduler,
-            latents,
-            cond: placeholder,
-            uncond: None,
-            step_latents: Vec::new(),
-            step_seconds: Vec::new(),
-            warnings,
-        });
+        let latents = Tensor::<4>::from_data(TensorData::new(noise, [1, c, h, w]), &self.target.device);
+        Ok(Start { scheduler, first: 0, latents })
     }
-
-    // ---- text: each distinct (prompt, negative prompt, length) once ----
-    let start = Instant::now();
-    let mut text_peak = PeakMemory::default();
-    let mut text_dtype = dtype;
-    let mut keys: Vec<(&str, Option<&str>, usize)> = Vec::new();
-    for r in requests {
-        let key = (r.prompt.as_str(), r.negative_prompt.as_deref().filter(|_| r.cfg()), r.max_sequence_length);
-        if !keys.contains(&key) {
-            keys.push(key);
-        }
-    }
-    progress.stage("encode", keys.len());
-    let mut encoder_calls = 0;
-    let embeddings = loop {
-        let mode = if text_dtype == dtype { plan.text_mode } else { WeightsMode::Streamed };
-        let encoder = TextEncoder::open(folder, device, text_dtype, mode)?;
-        let mut done = Vec::new();
-        let mut hit = None;
-        for (i, &(prompt, negative, len)) in keys.iter().enumerate() {
-            // Guidance needs the unconditional half; without a negative prompt it is zeros.
-            let cfg = requests.iter().any(|r| r.prompt == prompt && r.cfg());
-            let embed = |probe: &mut FirstNonFinite, peak: &mut PeakMemory| {
-                prompt_embeddings(&encoder, &[prompt], negative, cfg, 1, len, peak, probe)
-            };
-            let mut probe = guard.probe();
-            let (cond, uncond) = embed(&mut probe, &mut text_peak)?;
-            let count = count_nonfinite(&cond) + uncond.as_ref().map_or(0, count_nonfinite);
-            if count > 0 || probe.found.is_some() {
-                let module = localise(probe.found, |p| {
-                    let _ = embed(p, &mut PeakMemory::default());
-                });
-                hit = Some(NonFinite { stage: "text encoder", step: None, module, count, dtype: dtype_name(text_dtype) });
-                break;
-            }
-            done.push((cond, uncond));
-            progress.step(i + 1, start.elapsed());
-        }
-        encoder_calls += encoder.calls();
-        match hit {
-            None => break done,
-            Some(hit) => {
-                guard.on_hit(hit, text_dtype, &mut fallbacks)?;
-                text_dtype = DType::F32;
-            }
-        }
-    };
-    for (job, r) in jobs.iter_mut().zip(requests) {
-        let key = (r.prompt.as_str(), r.negative_prompt.as_deref().filter(|_| r.cfg()), r.max_sequence_length);
-        let i = keys.iter().position(|k| *k == key).expect("every request has its key");
-        (job.cond, job.uncond) = embeddings[i].clone();
-        if !r.cfg() {
-            job.uncond = None;
-        }
-        job.latents = job.latents.clone().cast(dtype);
-    }
-    drop(embeddings);
-    free(device);
-    let text_stats = StageStats { seconds: start.elapsed().as_secs_f64(), peak: text_peak };
-
-    // ---- denoise ----
-    let total_steps: usize = jobs.iter().map(|j| j.scheduler.timesteps.len()).sum();
-    progress.stage("denoise", total_steps);
-    let start = Instant::now();
-    let mut peak = PeakMemory::default();
-    let load_dit = |dtype: DType| -> Result<Denoiser, RuntimeError> {
-        let (ck, _) = folder.open_weights(Component::Transformer)?;
-        let loader = |ck| Loader::new(ck, Component::Transformer, device, |_| dtype).with_storage(storage_for(dtype));
-        Ok(match plan.dit_mode {
-            WeightsMode::Resident => Denoiser::Resident(loader(&ck).load(|w| Dit::load(w, &folder.transformer))?.0),
-            WeightsMode::Streamed => {
-                let embeddings = loader(&ck).load(|w| DitEmbeddings::load(w, &folder.transformer))?.0;
-                Denoiser::Streamed(embeddings, ck)
-            }
-        })
-    };
-    let mut dit_dtype = dtype;
-    let mut dit = load_dit(dit_dtype)?;
-    peak.sample(device);
-    let attn = plan.attention();
-    let mut done_steps = 0;
-    for (job, request) in jobs.iter_mut().zip(requests) {
-        let cfg = request.cfg();
-        let text_in = match &job.uncond {
-            Some(n) => Tensor::cat(vec![n.clone(), job.cond.clone()], 0), // [uncond, cond]
-            None => job.cond.clone(),
-        };
-        let batch = text_in.dims()[0];
-        let orig = request.original_size.unwrap_or([request.height, request.width]);
-        let size = SizeCondition {
-            original_size: orig.map(|v| v as f32),
-            crop_coords: request.crop_coords.map(|v| v as f32),
-            target_size: [request.height as f32, request.width as f32],
-        };
-        let sizes = vec![size; batch];
-        let timesteps = job.scheduler.timesteps.clone();
-        for (i, &t) in timesteps.iter().enumerate() {
-            let step_start = Instant::now();
-            let v = loop {
-                let x = job.latents.clone().cast(dit_dtype);
-                let x_in = if cfg { Tensor::cat(vec![x.clone(), x], 0) } else { x };
-                let txt = text_in.clone().cast(dit_dtype);
-                let ts = vec![t as f32; batch];
-                let call = |probe: &mut FirstNonFinite| -> Result<Tensor<4>, RuntimeError> {
-                    match &dit {
-                        Denoiser::Resident(model) => Ok(model.forward(x_in.clone(), txt.clone(), &ts, &sizes, &attn, probe)),
-                        Denoiser::Streamed(embeddings, ck) => {
-                            let block = |i: usize| -> Result<DitBlock, RuntimeError> {
-                                let loader = Loader::new(ck, Component::Transformer, device, |_| dit_dtype)
-                                    .with_storage(storage_for(dit_dtype));
-                                Ok(loader.load(|w| DitBlock::load(&w.pp(format!("transformer_blocks.{i}")), &folder.transformer))?.0)
-                            };
-                            let n = folder.transformer.num_layers;
-                            embeddings.forward_blocks(n, block, x_in.clone(), txt.clone(), &ts, &sizes, &attn, probe)
-                        }
-                    }
-                };
-                let mut probe = guard.probe();
-                let v = call(&mut probe)?;
-                let count = count_nonfinite(&v);
-                if count == 0 && probe.found.is_none() {
-                    break v;
-                }
-                let module = localise(probe.found, |p| {
-                    let _ = call(p);
-                });
-                let hit = NonFinite { stage: "transformer", step: Some((i, t)), module, count, dtype: dtype_name(dit_dtype) };
-                guard.on_hit(hit, dit_dtype, &mut fallbacks)?;
-                dit_dtype = DType::F32;
-                dit = load_dit(dit_dtype)?;
-            };
-            let v = v.cast(FloatDType::F32);
-            let v = if cfg {
-                let mut halves = v.chunk(2, 0).into_iter();
-                let (u, c) = (halves.next().expect("2 halves"), halves.next().expect("2 halves"));
-                u.clone() + (c - u).mul_scalar(request.guidance)
-            } else {
-                v
-            };
-            // The scheduler's arithmetic in f32, the latents kept in the compute dtype between steps.
-            let (prev, _) = job.scheduler.step(v, t, job.latents.clone().cast(FloatDType::F32));
-            job.latents = prev.cast(dit_dtype);
-            if request.keep_tensors {
-                job.step_latents.push(job.latents.clone().cast(FloatDType::F32));
-            }
-            peak.sample(device);
-            job.step_seconds.push(step_start.elapsed().as_secs_f64());
-            done_steps += 1;
-            progress.step(done_steps, start.elapsed());
-        }
-    }
-    drop(dit);
-    free(device);
-    let denoise_stats = StageStats { seconds: start.elapsed().as_secs_f64(), peak };
-
-    // ---- decode ----
-    progress.stage("decode", jobs.len());
-    let start = Instant::now();
-    let mut peak = PeakMemory::default();
-    let mut vae_dtype = dtype;
-    let mut images = Vec::new();
-    'decoder: loop {
-        let decoder = {
-            let (ck, _) = folder.open_weights(Component::Vae)?;
-            let loader = Loader::new(&ck, Component::Vae, device, |_| vae_dtype).with_storage(storage_for(vae_dtype));
-            loader.load(|w| Decoder::load(w, &folder.vae))?.0
-        };
-        let decode = |z: Tensor<4>, probe: &mut FirstNonFinite| match plan.vae_tile {
-            Some(tile) => decoder.forward_tiled(z, tile, probe),
-            None => decoder.forward(z, probe),
-        };
-        while images.len() < jobs.len() {
-            let z = jobs[images.len()].latents.clone().cast(vae_dtype).div_scalar(folder.vae.scaling_factor);
-            let mut probe = guard.probe();
-            let decoded = decode(z.clone(), &mut probe);
-            peak.sample(device);
-            let count = count_nonfinite(&decoded);
-            if count > 0 || probe.found.is_some() {
-                let module = localise(probe.found, |p| {
-                    decode(z, p);
-                });
-                let hit = NonFinite { stage: "VAE decoder", step: None, module, count, dtype: dtype_name(vae_dtype) };
-                guard.on_hit(hit, vae_dtype, &mut fallbacks)?;
-                vae_dtype = DType::F32;
-                continue 'decoder;
-            }
-            // VaeImageProcessor.denormalize, in the compute dtype as diffusers does it.
-            let image = decoded.mul_scalar(0.5).add_scalar(0.5).clamp(0.0, 1.0).cast(FloatDType::F32);
-            images.push(host(&image));
-            progress.step(images.len(), start.elapsed());
-        }
-        break;
-    }
-    free(device);
-    let decode_stats = StageStats { seconds: start.elapsed().as_secs_f64(), peak };
-    progress.finish();
-
-    let outputs = jobs
-        .into_iter()
-        .zip(images)
-        .zip(requests)
-        .map(|((job, (pixels, shape)), request)| {
-            let (height, width) = (shape[2], shape[3]);
-            let plane = height * width;
-            let mut rgb = vec![0u8; plane * 3];
-            for c in 0..3 {
-                for p in 0..plane {
-                    rgb[p * 3 + c] = to_u8(pixels[c * plane + p]);
-                }
-            }
-            let mut warnings = job.warnings;
-            let std = pixel_std(&rgb);
-            if std < 1.0 {
-                warnings.push(format!(
-                    "the image is nearly uniform (pixel standard deviation {std:.2} levels): check the prompt, steps and guidance"
-                ));
-            }
-            let tensors = request.keep_tensors.then(|| {
-                let steps = job.step_latents.len();
-                let [_, c, h, w] = job.latents.dims();
-                let stacked = Tensor::cat(job.step_latents, 0); // [steps, C, h, w]
-                let (lat, _) = host(&stacked);
-                Tensors {
-                    prompt_embeds: host(&job.cond.clone().cast(FloatDType::F32)),
-                    negative_prompt_embeds: job.uncond.as_ref().map(|n| host(&n.clone().cast(FloatDType::F32))),
-                    step_latents: (lat, vec![steps, 1, c, h, w]),
-                    image: (pixels, shape.clone()),
-                }
-            });
-            Output {
-                rgb,
-                width,
-                height,
-                text: text_stats.clone(),
-                denoise: denoise_stats.clone(),
-                decode: decode_stats.clone(),
-                step_seconds: job.step_seconds,
-                tensors,
-                warnings,
-                fallbacks: fallbacks.clone(),
-                plan: plan.clone(),
-            }
-        })
-        .collect();
-    Ok(Batch { outputs, encoder_calls })
 }
 
-/// The largest per-channel standard deviation of interleaved RGB 8-bit pixels, in levels: under
-/// one level, the image is a flat colour.
-fn pixel_std(rgb: &[u8]) -> f64 {
-    (0..3)
-        .map(|c| {
-            let v: Vec<f64> = rgb.iter().skip(c).step_by(3).map(|&x| x as f64).collect();
-            let n = v.len().max(1) as f64;
-            let mean = v.iter().sum::<f64>() / n;
-            (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt()
-        })
-        .fold(0.0, f64::max)
+/// The memory plan of a run of `requests`, from the configs alone: made for the largest image,
+/// with guidance if any request has it, the VAE encoder if any starts from an image.
+pub fn plan_for(configs: &Configs, checkpoint_bf16: bool, target: &Target, options: &Options, requests: &[Request]) -> Result<Plan, RuntimeError> {
+    let largest = requests
+        .iter()
+        .max_by_key(|r| r.width * r.height)
+        .ok_or_else(|| RequestError::new(Field::Count, &0, "nothing to generate"))?;
+    Ok(plan::make(&PlanInput {
+        configs,
+        width: largest.width,
+        height: largest.height,
+        cfg: requests.iter().any(Request::cfg),
+        text_len: largest.max_sequence_length,
+        compute: target.precision.dtype.dtype(),
+        weights: options.weights,
+        checkpoint_bf16,
+        caps: &target.capabilities,
+        budget: Budget::new(options.max_memory, target.limits.memory),
+        max_binding: target.max_binding(),
+        keep_loaded: options.keep_loaded,
+        img2img: requests.iter().any(|r| r.init_image.is_some()),
+    }))
 }
 
-/// diffusers' `encode_prompt`: each prompt's embedding repeated `per_prompt` times (p0, p0, p1,
-/// p1, ...); with guidance, the unconditional embedding: zeros when there is no negative prompt,
-/// the encoded negative prompt (even `""`) otherwise, broadcast to every prompt.
-///
-/// # Shapes
-/// - → `(cond [B·N, L, D], uncond [B·N, L, D] when cfg)`
-pub fn prompt_embeddings(
-    encoder: &TextEncoder,
-    prompts: &[&str],
-    negative: Option<&str>,
-    cfg: bool,
-    per_prompt: usize,
-    max_len: usize,
-    peak: &mut PeakMemory,
-    probe: &mut impl Probe,
-) -> Result<(Tensor<3>, Option<Tensor<3>>), RuntimeError> {
-    let repeat = |t: Tensor<3>| {
-        let [b, l, d] = t.dims();
-        t.unsqueeze_dim::<4>(1).expand([b, per_prompt, l, d]).reshape([b * per_prompt, l, d])
-    };
-    let cond = repeat(encoder.encode(prompts, max_len, peak, probe)?);
-    let uncond = match (negative, cfg) {
-        (_, false) => None,
-        (None, true) => Some(cond.zeros_like()),
-        (Some(n), true) => {
-            let negatives = vec![n; prompts.len()];
-            Some(repeat(encoder.encode(&negatives, max_len, peak, probe)?))
+/// What each stage took, for every image of a run.
+struct Stats {
+    text: StageStats,
+    encode_image: Option<StageStats>,
+    denoise: StageStats,
+    decode: StageStats,
+}
+
+/// One image's results from each stage.
+struct Stages {
+    conditioning: Conditioning,
+    init: Option<Tensor<4>>,
+    denoised: Denoised,
+    image: Decoded,
+}
+
+/// One image's output from its stages' results.
+fn output(request: &Request, stages: Stages, mut warnings: Vec<String>, stats: &Stats, fallbacks: &[String], plan: &Plan) -> Output {
+    let Stages { conditioning, init, denoised, image } = stages;
+    let (height, width) = (image.shape[2], image.shape[3]);
+    let rgb = to_rgb8(&image.pixels, height, width);
+    let std = pixel_std(&rgb);
+    if std < 1.0 {
+        warnings.push(format!(
+            "the image is nearly uniform (pixel standard deviation {std:.2} levels): check the prompt, steps and guidance"
+        ));
+    }
+    let tensors = request.keep_tensors.then(|| {
+        let steps = denoised.step_latents.len();
+        let [_, c, h, w] = denoised.latents.dims();
+        // [steps, C, h, w]; no step at all (img2img at strength 0): an empty tensor.
+        let lat = if steps == 0 { Vec::new() } else { host(&Tensor::cat(denoised.step_latents, 0)).0 };
+        Tensors {
+            prompt_embeds: host(&conditioning.cond.cast(FloatDType::F32)),
+            negative_prompt_embeds: conditioning.uncond.map(|n| host(&n.cast(FloatDType::F32))),
+            init_latents: init.map(|i| host(&i.cast(FloatDType::F32))),
+            step_latents: (lat, vec![steps, 1, c, h, w]),
+            image: (image.pixels, image.shape),
         }
-    };
-    Ok((cond, uncond))
+    });
+    Output {
+        rgb,
+        width,
+        height,
+        text: stats.text.clone(),
+        encode_image: stats.encode_image.clone(),
+        denoise: stats.denoise.clone(),
+        decode: stats.decode.clone(),
+        step_seconds: denoised.step_seconds,
+        guard_seconds: denoised.guard_seconds,
+        tensors,
+        warnings,
+        fallbacks: fallbacks.to_vec(),
+        plan: plan.clone(),
+    }
+}
+
+/// One run's shared state: what it runs, where, how it guards, what it has recorded.
+pub(crate) struct Run<'a, P> {
+    pub model: &'a Model,
+    pub target: &'a Target,
+    pub guard: &'a Guard,
+    pub plan: &'a Plan,
+    pub sample_modules: bool,
+    pub progress: &'a mut P,
+    /// Stages redone in f32 (under `auto`).
+    pub fallbacks: Vec<String>,
+}
+
+impl<'a, P: Progress> Run<'a, P> {
+    fn new(model: &'a Model, target: &'a Target, guard: &'a Guard, options: &Options, plan: &'a Plan, progress: &'a mut P) -> Self {
+        Self { model, target, guard, plan, sample_modules: options.sample_modules, progress, fallbacks: Vec::new() }
+    }
+
+    /// The compute dtype.
+    pub fn compute(&self) -> DType {
+        self.guard.precision.dtype.dtype()
+    }
+
+    /// The cancellation error, if the caller asked to stop.
+    pub fn check_cancelled(&self, stage: Stage, step: Option<usize>) -> Result<(), RuntimeError> {
+        if self.progress.cancelled() { Err(RuntimeError::Cancelled { stage, step }) } else { Ok(()) }
+    }
+
+    /// Leaves a component in its slot for the next run (`keep`), or drops it and returns the
+    /// freed memory to the driver.
+    pub fn release<T>(&self, slot: &mut Option<T>, component: T, keep: bool) {
+        if keep {
+            *slot = Some(component);
+        } else {
+            drop(component);
+            free(&self.target.device);
+        }
+    }
 }
 
 /// Returns freed memory to the driver between stages.
-fn free(device: &Device) {
+pub(crate) fn free(device: &Device) {
     let _ = device.sync();
     device.memory_cleanup();
+}
+
+/// The plan of `requests` on a folder without opening its weights (`--dry-run` needs only the
+/// configs): the weights are taken to be bf16, as the published ones are, unless the folder's
+/// checkpoints say otherwise.
+pub fn plan_folder(folder: &ModelFolder, target: &Target, options: &Options, requests: &[Request]) -> Result<Plan, RuntimeError> {
+    use cogview_import::Component;
+    let bf16 = |c| folder.open_weights(c).map(|(ck, _)| ck.is_bf16()).unwrap_or(true);
+    let checkpoint_bf16 = bf16(Component::Transformer) && bf16(Component::Vae);
+    plan_for(&folder.configs, checkpoint_bf16, target, options, requests)
 }

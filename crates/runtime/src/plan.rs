@@ -7,16 +7,17 @@
 //! bytes from the tensors each stage keeps alive at its peak. `cogview bench` measures the same
 //! stages from the allocator, and BENCHMARKS.md keeps both side by side.
 
-use burn::tensor::{DType, Device};
+use std::fmt;
+
+use burn::tensor::DType;
 use cogview_import::KeyRecorder;
 use cogview_models::dit::{AttentionLimits, DitBlock, DitConfig, DitEmbeddings};
 use cogview_models::t5::{T5Block, T5Config};
-use cogview_models::vae::{Decoder, VaeConfig};
-use cogview_models::WeightStorage;
+use cogview_models::vae::{Decoder, Encoder, VaeConfig};
+use cogview_models::{Configs, WeightStorage};
 use serde::Serialize;
 
 use crate::device::Capabilities;
-use crate::text::WeightsMode;
 
 /// The budget when neither `--max-memory` nor the adapter gives one: the memory of the
 /// smaller GPUs cogview is for.
@@ -77,15 +78,6 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-/// The device memory the adapter reports (Vulkan: its largest device-local heap; Metal: the
-/// recommended working set), if it reports one.
-pub fn adapter_memory(device: &Device) -> Option<u64> {
-    match device.as_dispatch() {
-        burn::backend::DispatchDevice::Cube(d) => d.client().properties().memory.max_memory(),
-        _ => None,
-    }
-}
-
 /// Where the budget came from.
 #[derive(Clone, Debug, Serialize)]
 pub struct Budget {
@@ -106,9 +98,8 @@ impl Budget {
 /// What the plan is made from.
 #[derive(Clone, Debug)]
 pub struct PlanInput<'a> {
-    pub t5: &'a T5Config,
-    pub dit: &'a DitConfig,
-    pub vae: &'a VaeConfig,
+    pub configs: &'a Configs,
+    /// The largest image of the run.
     pub width: usize,
     pub height: usize,
     /// Classifier-free guidance doubles the DiT batch.
@@ -122,13 +113,69 @@ pub struct PlanInput<'a> {
     pub budget: Budget,
     /// The adapter's largest storage binding: no single buffer may pass it.
     pub max_binding: Option<u64>,
+    /// Whether components may stay loaded between runs (a long-lived pipeline), where the
+    /// budget allows.
+    pub keep_loaded: bool,
+    /// Whether a request starts from an image (img2img: the VAE encoder runs).
+    pub img2img: bool,
 }
 
-/// One stage's plan and estimate.
-#[derive(Clone, Debug, Serialize)]
-pub struct StagePlan {
-    /// `resident`, `streamed`, `untiled`, `tiles of N latents`.
-    pub mode: String,
+/// Whether a component's weights stay on the device for its whole stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Residency {
+    Resident,
+    /// One block at a time: loaded when the call reaches it, freed after.
+    Streamed,
+}
+
+impl fmt::Display for Residency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Residency::Resident => "resident",
+            Residency::Streamed => "streamed",
+        })
+    }
+}
+
+/// Whether the VAE works on the whole image or on tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tiling {
+    Untiled,
+    /// Tiles of this many latents (decoder) or pixels (encoder) a side, overlapping by a
+    /// quarter and blended (diffusers' `enable_tiling`).
+    Tiles(usize),
+}
+
+impl Tiling {
+    /// The tile size, when tiled.
+    pub fn tile(self) -> Option<usize> {
+        match self {
+            Tiling::Untiled => None,
+            Tiling::Tiles(t) => Some(t),
+        }
+    }
+}
+
+impl fmt::Display for Tiling {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Tiling::Untiled => f.write_str("untiled"),
+            Tiling::Tiles(t) => write!(f, "tiles of {t}"),
+        }
+    }
+}
+
+impl Serialize for Tiling {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// One stage's decision and estimate.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct StagePlan<M> {
+    pub mode: M,
     /// Weights on the device at the stage's peak.
     pub weight_bytes: u64,
     /// Activations at the peak.
@@ -136,63 +183,45 @@ pub struct StagePlan {
     pub peak_bytes: u64,
 }
 
-impl StagePlan {
-    fn new(mode: impl Into<String>, weight_bytes: u64, activation_bytes: u64) -> Self {
-        Self { mode: mode.into(), weight_bytes, activation_bytes, peak_bytes: weight_bytes + activation_bytes }
+impl<M> StagePlan<M> {
+    fn new(mode: M, weight_bytes: u64, activation_bytes: u64) -> Self {
+        Self { mode, weight_bytes, activation_bytes, peak_bytes: weight_bytes + activation_bytes }
+    }
+
+    /// Weights, activations, peak.
+    fn estimate(&self) -> [u64; 3] {
+        [self.weight_bytes, self.activation_bytes, self.peak_bytes]
     }
 }
 
-/// The whole plan.
+/// Which components stay loaded after their stage, for the next run of a long-lived
+/// pipeline; the others are released (and read from disk again when needed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Keep {
+    pub text: bool,
+    pub transformer: bool,
+    pub vae: bool,
+    pub image_encoder: bool,
+}
+
+/// The whole plan: the decisions, each with its estimate.
 #[derive(Clone, Debug, Serialize)]
 pub struct Plan {
     pub budget: Budget,
-    pub storage: WeightStorageName,
+    pub storage: WeightStorage,
     pub storage_reason: String,
-    pub text: StagePlan,
-    pub denoise: StagePlan,
-    pub decode: StagePlan,
-    #[serde(skip)]
-    pub text_mode: WeightsMode,
-    #[serde(skip)]
-    pub dit_mode: WeightsMode,
-    #[serde(skip)]
-    pub weight_storage: WeightStorage,
+    pub text: StagePlan<Residency>,
+    /// img2img's VAE encoder; tiles are in pixels.
+    pub encode_image: Option<StagePlan<Tiling>>,
+    pub denoise: StagePlan<Residency>,
+    /// Tiles are in latents.
+    pub decode: StagePlan<Tiling>,
+    pub keep: Keep,
     /// The most bytes one attention call's scores may take.
     pub attention_scores_bytes: u64,
     /// The largest buffer the adapter allows (the feed-forward runs on token chunks below it).
     pub max_buffer_bytes: Option<u64>,
-    /// The VAE tile in latents, when tiled.
-    pub vae_tile: Option<usize>,
     pub warnings: Vec<String>,
-}
-
-/// [`WeightStorage`] as printed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum WeightStorageName {
-    Compute,
-    Bf16,
-    PackedBf16,
-}
-
-impl From<WeightStorage> for WeightStorageName {
-    fn from(s: WeightStorage) -> Self {
-        match s {
-            WeightStorage::Compute => Self::Compute,
-            WeightStorage::Bf16 => Self::Bf16,
-            WeightStorage::PackedBf16 => Self::PackedBf16,
-        }
-    }
-}
-
-impl std::fmt::Display for WeightStorageName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Compute => "the compute dtype",
-            Self::Bf16 => "bf16",
-            Self::PackedBf16 => "bf16 packed in u32",
-        })
-    }
 }
 
 impl Plan {
@@ -201,6 +230,41 @@ impl Plan {
             max_scores_bytes: self.attention_scores_bytes,
             max_buffer_bytes: self.max_buffer_bytes.unwrap_or(u64::MAX),
         }
+    }
+
+    /// The plan as `--dry-run` prints it: storage, budget, attention, what stays loaded, and
+    /// per stage its mode and memory against the budget.
+    pub fn report(&self) -> String {
+        let mut s = String::new();
+        s += &format!("weights     {}: {}\n", self.storage, self.storage_reason);
+        s += &format!("budget      {} ({})\n", human(self.budget.bytes), self.budget.source);
+        s += &format!("attention   at most {} of scores per call\n", human(self.attention_scores_bytes));
+        let k = &self.keep;
+        let kept: Vec<&str> = [(k.text, "text encoder"), (k.image_encoder, "VAE encoder"), (k.transformer, "transformer"), (k.vae, "VAE decoder")]
+            .into_iter()
+            .filter_map(|(k, name)| k.then_some(name))
+            .collect();
+        let kept = if kept.is_empty() { "nothing (each component is released after its stage)".to_string() } else { kept.join(", ") };
+        s += &format!("kept        {kept}\n");
+        s += &format!("\n{:<10}{:<22}{:>12}{:>14}{:>12}\n", "stage", "mode", "weights", "activations", "peak");
+        let tiles = |t: Tiling, unit: &str| match t {
+            Tiling::Untiled => t.to_string(),
+            Tiling::Tiles(_) => format!("{t} {unit}"),
+        };
+        let mut rows = vec![("encode", self.text.mode.to_string(), self.text.estimate())];
+        if let Some(e) = &self.encode_image {
+            rows.push(("image", tiles(e.mode, "pixels"), e.estimate()));
+        }
+        rows.push(("denoise", self.denoise.mode.to_string(), self.denoise.estimate()));
+        rows.push(("decode", tiles(self.decode.mode, "latents"), self.decode.estimate()));
+        for (name, mode, [weights, activations, peak]) in rows {
+            let over = if peak > self.budget.bytes { "  over budget" } else { "" };
+            s += &format!("{name:<10}{mode:<22}{:>12}{:>14}{:>12}{over}\n", human(weights), human(activations), human(peak));
+        }
+        for w in &self.warnings {
+            s += &format!("warning     {w}\n");
+        }
+        s
     }
 }
 
@@ -306,54 +370,8 @@ pub fn make(input: &PlanInput) -> Plan {
     let budget = input.budget.bytes;
     let mut warnings = Vec::new();
     let (storage, storage_reason) = choose_storage(input);
-    let c = input.compute.size();
-
-    // Text: resident when every block fits with room to spare, streamed otherwise.
-    let t5_block = bytes_of(&KeyRecorder::keys_of(|r| {
-        T5Block::load(r, input.t5);
-    }), c, c);
-    let t5_act = t5_activations(input.t5, input.text_len, input.compute);
-    let t5_all = t5_block * input.t5.num_layers as u64;
-    let text = if t5_all + t5_act <= budget / 2 {
-        StagePlan::new("resident", t5_all, t5_act)
-    } else {
-        StagePlan::new("streamed", t5_block, t5_act)
-    };
-    let text_mode = if text.mode == "resident" { WeightsMode::Resident } else { WeightsMode::Streamed };
-
-    // Denoise: the DiT resident if it fits with its activations, else streamed block by block.
-    let sb = storage.bytes_per_value(input.compute);
-    let block = bytes_of(&KeyRecorder::keys_of(|r| {
-        DitBlock::load(r, input.dit);
-    }), sb, c);
-    let rest = bytes_of(&KeyRecorder::keys_of(|r| {
-        DitEmbeddings::load(r, input.dit);
-    }), sb, c);
-    // Widening at use keeps one layer's compute-dtype copy alive: the feed-forward's.
-    let widened = if storage == WeightStorage::Compute { 0 } else { (input.dit.inner_dim() * 4 * input.dit.inner_dim() * c) as u64 };
-    let n = if input.cfg { 2 } else { 1 };
-    let p = input.dit.patch_size;
-    let f = input.vae.scale_factor();
-    let (lh, lw) = (input.height / f, input.width / f);
-    let tokens = input.text_len + (lh / p) * (lw / p);
-    let resident_weights = rest + block * input.dit.num_layers as u64 + widened;
-    let max_buffer = input.max_binding.unwrap_or(u64::MAX);
-    let caps = attention_caps(input, tokens);
-    // The largest attention cap that fits with these weights (the smallest if none does).
-    let fit = |weights: u64| {
-        let limits = |cap| AttentionLimits { max_scores_bytes: cap, max_buffer_bytes: max_buffer };
-        let found = caps.iter().map(|&cap| limits(cap)).find(|l| weights + dit_activations(input.dit, n, tokens, input.compute, l) <= budget);
-        let l = found.unwrap_or_else(|| limits(*caps.last().expect("at least one cap")));
-        (found.is_some(), l, dit_activations(input.dit, n, tokens, input.compute, &l))
-    };
-    let (fits_resident, attn_resident, act_resident) = fit(resident_weights);
-    let (denoise, dit_mode, attn) = if fits_resident {
-        (StagePlan::new("resident", resident_weights, act_resident), WeightsMode::Resident, attn_resident)
-    } else {
-        let weights = rest + block + widened;
-        let (_, attn, act) = fit(weights);
-        (StagePlan::new("streamed", weights, act), WeightsMode::Streamed, attn)
-    };
+    let text = plan_text(input);
+    let (denoise, attn) = plan_denoise(input, storage);
     if denoise.peak_bytes > budget {
         warnings.push(format!(
             "the transformer needs about {} even streamed, over the {} budget",
@@ -361,46 +379,235 @@ pub fn make(input: &PlanInput) -> Plan {
             human(budget)
         ));
     }
-
-    // Decode: untiled when it fits the budget and no tensor passes the binding limit; else
-    // the largest tile that does.
-    let vae_w = bytes_of(&KeyRecorder::keys_of(|r| {
-        Decoder::load(r, input.vae);
-    }), sb, c);
-    let binding = input.max_binding.unwrap_or(u64::MAX);
-    let fits = |th: usize, tw: usize| {
-        let (act, largest) = vae_activations(input.vae, th, tw, input.compute);
-        (vae_w + act <= budget && largest <= binding / 2).then_some(act)
-    };
-    let (decode, vae_tile) = match fits(lh, lw) {
-        Some(act) => (StagePlan::new("untiled", vae_w, act), None),
-        None => {
-            let tile = [128usize, 96, 64, 48, 32, 16, 8].into_iter().filter(|&t| t < lh.max(lw)).find(|&t| fits(t.min(lh), t.min(lw)).is_some());
-            let tile = tile.unwrap_or(8);
-            let (act, _) = vae_activations(input.vae, tile.min(lh), tile.min(lw), input.compute);
-            (StagePlan::new(format!("tiles of {tile} latents"), vae_w, act), Some(tile))
-        }
-    };
+    let decode = plan_decode(input, storage);
+    let encode_image = input.img2img.then(|| plan_encode_image(input, storage));
+    // A kept streamed text encoder holds nothing on the device (its token table is on the CPU).
+    let held = [
+        if text.mode == Residency::Resident { text.weight_bytes } else { 0 },
+        dit_weights(input.configs, storage, input.compute, denoise.mode),
+        decode.weight_bytes,
+        encode_image.map_or(0, |e| e.weight_bytes),
+    ];
+    let peaks = [text.peak_bytes, denoise.peak_bytes, decode.peak_bytes, encode_image.map_or(0, |e| e.peak_bytes)];
+    let keep = plan_keep(input, peaks, held);
     Plan {
         budget: input.budget.clone(),
-        storage: storage.into(),
+        storage,
         storage_reason,
         text,
+        encode_image,
         denoise,
         decode,
-        text_mode,
-        dit_mode,
-        weight_storage: storage,
+        keep,
         attention_scores_bytes: attn.max_scores_bytes,
         max_buffer_bytes: input.max_binding,
-        vae_tile,
         warnings,
     }
+}
+
+/// Text: resident when every block fits with room to spare, streamed otherwise.
+fn plan_text(input: &PlanInput) -> StagePlan<Residency> {
+    let t5 = &input.configs.text_encoder;
+    let c = input.compute.size();
+    let block = bytes_of(&KeyRecorder::keys_of(|r| {
+        T5Block::load(r, t5);
+    }), c, c);
+    let activations = t5_activations(t5, input.text_len, input.compute);
+    let all = block * t5.num_layers as u64;
+    if all + activations <= input.budget.bytes / 2 {
+        StagePlan::new(Residency::Resident, all, activations)
+    } else {
+        StagePlan::new(Residency::Streamed, block, activations)
+    }
+}
+
+/// The DiT's weights on the device in `mode`: every block and the embeddings when resident,
+/// the embeddings and one block when streamed.
+fn dit_weights(c: &Configs, storage: WeightStorage, compute: DType, mode: Residency) -> u64 {
+    let dit = &c.transformer;
+    let (sb, cb) = (storage.bytes_per_value(compute), compute.size());
+    let block = bytes_of(&KeyRecorder::keys_of(|r| {
+        DitBlock::load(r, dit);
+    }), sb, cb);
+    let rest = bytes_of(&KeyRecorder::keys_of(|r| {
+        DitEmbeddings::load(r, dit);
+    }), sb, cb);
+    match mode {
+        Residency::Resident => rest + block * dit.num_layers as u64,
+        Residency::Streamed => rest + block,
+    }
+}
+
+/// Denoise: the DiT resident if it fits with its activations, else streamed block by block;
+/// the largest attention cap that fits with the weights.
+fn plan_denoise(input: &PlanInput, storage: WeightStorage) -> (StagePlan<Residency>, AttentionLimits) {
+    let dit = &input.configs.transformer;
+    let budget = input.budget.bytes;
+    // Widening at use keeps one layer's compute-dtype copy alive: the feed-forward's.
+    let widened = if storage == WeightStorage::Compute { 0 } else { (dit.inner_dim() * 4 * dit.inner_dim() * input.compute.size()) as u64 };
+    let n = if input.cfg { 2 } else { 1 };
+    let p = dit.patch_size;
+    let f = input.configs.vae.scale_factor();
+    let tokens = input.text_len + (input.height / f / p) * (input.width / f / p);
+    let max_buffer = input.max_binding.unwrap_or(u64::MAX);
+    let caps = attention_caps(input, tokens);
+    // The largest attention cap that fits with these weights (the smallest if none does).
+    let fit = |weights: u64| {
+        let limits = |cap| AttentionLimits { max_scores_bytes: cap, max_buffer_bytes: max_buffer };
+        let found = caps.iter().map(|&cap| limits(cap)).find(|l| weights + dit_activations(dit, n, tokens, input.compute, l) <= budget);
+        let l = found.unwrap_or_else(|| limits(*caps.last().expect("at least one cap")));
+        (found.is_some(), l, dit_activations(dit, n, tokens, input.compute, &l))
+    };
+    let resident = dit_weights(input.configs, storage, input.compute, Residency::Resident) + widened;
+    let (fits, attn, act) = fit(resident);
+    if fits {
+        return (StagePlan::new(Residency::Resident, resident, act), attn);
+    }
+    let streamed = dit_weights(input.configs, storage, input.compute, Residency::Streamed) + widened;
+    let (_, attn, act) = fit(streamed);
+    (StagePlan::new(Residency::Streamed, streamed, act), attn)
+}
+
+/// Decode: untiled when it fits, else tiles of latents.
+fn plan_decode(input: &PlanInput, storage: WeightStorage) -> StagePlan<Tiling> {
+    let vae = &input.configs.vae;
+    let weights = bytes_of(&KeyRecorder::keys_of(|r| {
+        Decoder::load(r, vae);
+    }), storage.bytes_per_value(input.compute), input.compute.size());
+    let f = vae.scale_factor();
+    let size = (input.height / f, input.width / f);
+    plan_tiles(input, weights, size, &[128, 96, 64, 48, 32, 16, 8], |h, w| vae_activations(vae, h, w, input.compute))
+}
+
+/// A VAE stage on an `h`×`w` grid: untiled when its `activations` (the stage's, and its
+/// largest tensor) fit the budget with `weights` and no tensor passes the binding limit; else
+/// the largest of `tiles` (largest first) that does, the smallest if none.
+fn plan_tiles(
+    input: &PlanInput,
+    weights: u64,
+    (h, w): (usize, usize),
+    tiles: &[usize],
+    activations: impl Fn(usize, usize) -> (u64, u64),
+) -> StagePlan<Tiling> {
+    let binding = input.max_binding.unwrap_or(u64::MAX);
+    let fits = |th: usize, tw: usize| {
+        let (act, largest) = activations(th, tw);
+        (weights + act <= input.budget.bytes && largest <= binding / 2).then_some(act)
+    };
+    if let Some(act) = fits(h, w) {
+        return StagePlan::new(Tiling::Untiled, weights, act);
+    }
+    let smallest = *tiles.last().expect("tile sizes");
+    let tile = tiles.iter().copied().filter(|&t| t < h.max(w)).find(|&t| fits(t.min(h), t.min(w)).is_some()).unwrap_or(smallest);
+    let (act, _) = activations(tile.min(h), tile.min(w));
+    StagePlan::new(Tiling::Tiles(tile), weights, act)
+}
+
+/// What stays loaded between runs: everything when `keep_loaded` and it all fits; otherwise
+/// the largest component is released first until every stage's peak, plus what the others
+/// keep on the device, is within the budget. `peaks` and `held` are per component (text
+/// encoder, transformer, VAE): a stage's peak, and what the component holds on the device
+/// when kept.
+fn plan_keep(input: &PlanInput, peaks: [u64; 4], held: [u64; 4]) -> Keep {
+    let mut keep = [input.keep_loaded, input.keep_loaded, input.keep_loaded, input.keep_loaded && input.img2img];
+    let over = |keep: &[bool; 4]| {
+        (0..4).any(|s| peaks[s] + (0..4).filter(|&k| k != s && keep[k]).map(|k| held[k]).sum::<u64>() > input.budget.bytes)
+    };
+    while keep.iter().any(|k| *k) && over(&keep) {
+        let largest = (0..4).filter(|&k| keep[k]).max_by_key(|&k| held[k]).expect("one is kept");
+        keep[largest] = false;
+    }
+    Keep { text: keep[0], transformer: keep[1], vae: keep[2], image_encoder: keep[3] }
+}
+
+/// img2img's encoder: untiled when it fits, else tiles of pixels (multiples of 32, so a
+/// tile's stride and its blended latents line up).
+fn plan_encode_image(input: &PlanInput, storage: WeightStorage) -> StagePlan<Tiling> {
+    let vae = &input.configs.vae;
+    let weights = bytes_of(&KeyRecorder::keys_of(|r| {
+        Encoder::load(r, vae);
+    }), storage.bytes_per_value(input.compute), input.compute.size());
+    let tiles = [1024, 768, 512, 384, 256, 128, 64];
+    plan_tiles(input, weights, (input.height, input.width), &tiles, |h, w| vae_encoder_activations(vae, h, w, input.compute))
+}
+
+/// VAE encoder activations for an `h`×`w` pixel tile, and the largest single tensor: at each
+/// level the input, the norm's output, the conv's output and the residual (four
+/// `[1, C, H, W]`), and the mid block's attention scores (f32).
+fn vae_encoder_activations(c: &VaeConfig, h: usize, w: usize, dtype: DType) -> (u64, u64) {
+    let s = dtype.size();
+    let (mut peak, mut largest) = (0u64, 0u64);
+    let (mut rh, mut rw) = (h, w);
+    for (i, &ch) in c.block_out_channels.iter().enumerate() {
+        let level = (ch * rh * rw * s) as u64;
+        peak = peak.max(4 * level);
+        largest = largest.max(level);
+        if i + 1 < c.block_out_channels.len() {
+            rh /= 2;
+            rw /= 2;
+        }
+    }
+    if c.mid_block_add_attention {
+        let scores = ((rh * rw) * (rh * rw) * 4) as u64;
+        peak = peak.max(2 * scores + (c.block_out_channels.last().copied().unwrap_or(0) * rh * rw * s * 4) as u64);
+        largest = largest.max(scores);
+    }
+    (peak, largest)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::{Compiler, DtypeSupport};
+
+    fn real(budget: u64, keep_loaded: bool, img2img: bool, caps: &Capabilities, configs: &Configs) -> Plan {
+        make(&PlanInput {
+            configs,
+            width: 1024,
+            height: 1024,
+            cfg: true,
+            text_len: 224,
+            compute: DType::F32,
+            weights: WeightsChoice::Auto,
+            checkpoint_bf16: true,
+            caps,
+            budget: Budget::new(Some(budget), None),
+            max_binding: None,
+            keep_loaded,
+            img2img,
+        })
+    }
+
+    /// Between runs everything stays loaded when the budget holds it all; when it does not, the
+    /// largest component goes first, until every stage's peak plus what the others keep fits.
+    #[test]
+    fn components_stay_loaded_while_the_budget_allows() {
+        let all = DtypeSupport { storage: true, arithmetic: true, accelerated: false };
+        let caps = Capabilities { compiler: Compiler::Native, f32: all, f16: all, bf16: all };
+        let configs = Configs::cogview3_plus_3b();
+        let roomy = real(1 << 40, true, true, &caps, &configs);
+        assert_eq!(roomy.keep, Keep { text: true, transformer: true, vae: true, image_encoder: true });
+        assert_eq!(real(1 << 40, false, true, &caps, &configs).keep, Keep::default(), "a one-shot run keeps nothing");
+        assert!(!real(1 << 40, true, false, &caps, &configs).keep.image_encoder, "no img2img, no encoder");
+        // Room for the transformer's own stage and little else: neither it nor the VAE (which
+        // would sit beside it) stays; the streamed text encoder holds nothing on the device.
+        let tight = real(8 << 30, true, false, &caps, &configs);
+        assert_eq!(tight.denoise.mode, Residency::Resident);
+        let just = real(tight.denoise.peak_bytes + 1, true, false, &caps, &configs);
+        assert_eq!(just.text.mode, Residency::Streamed);
+        assert!(!just.keep.transformer && !just.keep.vae && just.keep.text, "{:?}", just.keep);
+        // The dry run says what stays.
+        assert!(roomy.report().contains("kept        text encoder, VAE encoder, transformer, VAE decoder"));
+        assert!(!just.report().contains("\nimage ") && just.report().contains("kept        text encoder\n"));
+    }
+
+    #[test]
+    fn modes_print_as_people_read_them() {
+        assert_eq!(Tiling::Tiles(16).to_string(), "tiles of 16");
+        assert_eq!(Tiling::Untiled.tile(), None);
+        assert_eq!(serde_json::to_value(Tiling::Tiles(8)).unwrap(), "tiles of 8");
+        assert_eq!(serde_json::to_value(Residency::Streamed).unwrap(), "streamed");
+    }
 
     #[test]
     fn sizes_parse_in_binary_units() {

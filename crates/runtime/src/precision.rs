@@ -13,15 +13,27 @@
 
 use std::fmt;
 
-use burn::tensor::{DType, Device};
+use burn::tensor::Device;
 use serde::Serialize;
 
 use crate::device::{AdapterInfo, AdapterType, Capabilities};
-use crate::error::PrecisionError;
+pub use crate::dtype::ComputeDtype;
 use crate::selftest::{self, SelfTestReport};
 
+/// Why a precision cannot be had on an adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum PrecisionError {
+    #[error("--precision {requested}: {adapter} lacks {missing}; use --precision auto or f32")]
+    Unsupported { requested: &'static str, adapter: String, missing: String },
+    #[error(
+        "--precision {requested}: {adapter} claims {requested} but computes it wrongly \
+         (self-test error {error:.3e} > {tolerance:.1e}); use --precision auto or f32"
+    )]
+    SelfTestFailed { requested: &'static str, adapter: String, error: f64, tolerance: f64 },
+}
+
 /// What the user asked for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
@@ -44,6 +56,17 @@ impl Precision {
     }
 }
 
+/// The request that computes in exactly this dtype.
+impl From<ComputeDtype> for Precision {
+    fn from(d: ComputeDtype) -> Self {
+        match d {
+            ComputeDtype::F32 => Precision::F32,
+            ComputeDtype::Bf16 => Precision::Bf16,
+            ComputeDtype::F16 => Precision::F16,
+        }
+    }
+}
+
 impl fmt::Display for Precision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -57,35 +80,6 @@ impl std::str::FromStr for Precision {
             .into_iter()
             .find(|p| p.as_str().eq_ignore_ascii_case(s))
             .ok_or_else(|| format!("`{s}` is not a precision: use auto, bf16, f32 or f16"))
-    }
-}
-
-/// The dtype the model computes in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ComputeDtype {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl ComputeDtype {
-    pub fn dtype(self) -> DType {
-        match self {
-            ComputeDtype::F32 => DType::F32,
-            ComputeDtype::Bf16 => DType::BF16,
-            ComputeDtype::F16 => DType::F16,
-        }
-    }
-}
-
-impl fmt::Display for ComputeDtype {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ComputeDtype::F32 => "f32",
-            ComputeDtype::Bf16 => "bf16",
-            ComputeDtype::F16 => "f16",
-        })
     }
 }
 

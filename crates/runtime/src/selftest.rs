@@ -8,7 +8,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::Serialize;
 
-use crate::precision::ComputeDtype;
+use crate::dtype::ComputeDtype;
 
 const M: usize = 8;
 const K: usize = 64;

@@ -4,7 +4,7 @@
 use burn::tensor::Device;
 use serde::Serialize;
 
-use crate::device::{self, AdapterInfo, BackendChoice, Capabilities, DeviceChoice};
+use crate::device::{self, AdapterInfo, BackendChoice, Capabilities, DeviceChoice, Limits};
 use crate::error::RuntimeError;
 use crate::precision::{self, Precision, PrecisionDecision};
 
@@ -14,9 +14,34 @@ pub struct Target {
     pub adapter: AdapterInfo,
     pub device: Device,
     pub capabilities: Capabilities,
+    /// Memory and buffer limits, read once.
+    pub limits: Limits,
     pub precision: PrecisionDecision,
     /// Warnings about the choice (software adapter, f16, self-test fallback).
     pub warnings: Vec<String>,
+}
+
+impl Target {
+    /// `device` (brought up for `adapter`) computing as `precision` decided, with its
+    /// capabilities and limits read from it.
+    pub fn new(adapter: AdapterInfo, device: Device, precision: PrecisionDecision) -> Self {
+        let capabilities = device::capabilities(&device);
+        let limits = device::limits(&device);
+        Self { adapter, device, capabilities, limits, precision, warnings: Vec::new() }
+    }
+
+    /// burn's CPU backend computing as `precision` says, without the policy (tests, tools).
+    pub fn cpu(precision: PrecisionDecision) -> Self {
+        let adapter = device::candidates(DeviceChoice::Cpu, BackendChoice::Auto).pop().expect("the CPU backend is listed");
+        let device = device::open(&adapter).expect("the CPU backend starts");
+        Self::new(adapter, device, precision)
+    }
+
+    /// The largest single buffer the plan keeps to: the adapter's storage-binding limit, else
+    /// burn's largest allocation.
+    pub fn max_binding(&self) -> Option<u64> {
+        self.adapter.max_storage_binding_size.or(self.limits.max_buffer)
+    }
 }
 
 /// Chooses the adapter, brings it up, and decides the precision.
@@ -25,13 +50,13 @@ pub fn target(
     backend: BackendChoice,
     precision: Precision,
 ) -> Result<Target, RuntimeError> {
-    let adapters = device::enumerate();
+    let adapters = device::candidates(device, backend);
     let selection = device::select(&adapters, device, backend)?;
     let burn_device = device::open(&selection.adapter)?;
     let capabilities = device::capabilities(&burn_device);
     let decision =
         precision::decide_on_device(precision, &selection.adapter, &capabilities, &burn_device)?;
-    let warnings = selection.warning.into_iter().chain(decision.warnings.iter().cloned()).collect();
+    let warnings: Vec<String> = selection.warning.into_iter().chain(decision.warnings.iter().cloned()).collect();
     for w in &warnings {
         tracing::warn!("{w}");
     }
@@ -42,7 +67,7 @@ pub fn target(
         reason = %decision.reason,
         "device chosen"
     );
-    Ok(Target { adapter: selection.adapter, device: burn_device, capabilities, precision: decision, warnings })
+    Ok(Target { warnings, ..Target::new(selection.adapter, burn_device, decision) })
 }
 
 /// One adapter of the survey: what it is, what it can do, what cogview would do on it.
@@ -69,8 +94,14 @@ pub struct Survey {
     pub selection_warning: Option<String>,
 }
 
-pub fn survey(device: DeviceChoice, backend: BackendChoice, precision: Precision) -> Survey {
-    let adapters = device::enumerate();
+/// `all`: GL adapters too (otherwise listed only under `--backend gl`).
+pub fn survey(device: DeviceChoice, backend: BackendChoice, precision: Precision, all: bool) -> Survey {
+    // Every adapter is listed whatever `--device` says; `cpu` only marks the CPU backend.
+    let adapters = match (all, device) {
+        (true, _) => device::enumerate(device::Scope::All),
+        (false, DeviceChoice::Cpu) => device::candidates(DeviceChoice::Auto, backend),
+        (false, d) => device::candidates(d, backend),
+    };
     let selection = device::select(&adapters, device, backend);
     let chosen = selection.as_ref().ok().map(|s| (s.adapter.api, s.adapter.index));
     let rows = adapters

@@ -1,0 +1,156 @@
+//! The page at `/` in a real headless browser: Debian's Chromium, driven through chromedriver
+//! (package chromium-driver; `.ci/run` installs both). The test speaks the W3C WebDriver
+//! protocol over plain HTTP with ureq, which the project already has, rather than pulling a
+//! WebDriver crate and its TLS stack for a loopback connection.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// The W3C key of an element reference.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(60))).build().into()
+}
+
+/// A chromedriver process and one headless Chromium session.
+struct Browser {
+    driver: Child,
+    base: String,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        assert!(Path::new(CHROMIUM).exists() && Path::new(CHROMEDRIVER).exists(), "install chromium and chromium-driver (see .ci/run)");
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let driver = Command::new(CHROMEDRIVER).arg(format!("--port={port}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let start = Instant::now();
+        while agent().get(format!("{base}/status")).call().is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let profile = tempfile::tempdir().unwrap();
+        let args = [
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        ];
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.push(format!("--user-data-dir={}", profile.path().display()));
+        let caps = json!({ "capabilities": { "alwaysMatch": { "browserName": "chrome", "goog:chromeOptions": { "binary": CHROMIUM, "args": args } } } });
+        let mut browser = Browser { driver, base, session: String::new(), _profile: profile };
+        let created = browser.call("POST", "/session", Some(caps));
+        browser.session = created["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {created}")).to_string();
+        browser
+    }
+
+    /// One WebDriver command; its `value`.
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let url = format!("{}{path}", self.base);
+        let mut r = match method {
+            "GET" => agent().get(url).call(),
+            "DELETE" => agent().delete(url).call(),
+            _ => agent().post(url).header("Content-Type", "application/json").send(body.unwrap_or(json!({})).to_string()),
+        }
+        .unwrap();
+        let reply: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        reply["value"].clone()
+    }
+
+    fn session(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        self.call(method, &format!("/session/{}{path}", self.session), body)
+    }
+
+    fn find(&self, css: &str) -> Option<String> {
+        let v = self.session("POST", "/element", Some(json!({ "using": "css selector", "value": css })));
+        v[ELEMENT].as_str().map(String::from)
+    }
+
+    fn element(&self, css: &str) -> String {
+        self.find(css).unwrap_or_else(|| panic!("no element {css}"))
+    }
+
+    fn fill(&self, css: &str, text: &str) {
+        let e = self.element(css);
+        self.session("POST", &format!("/element/{e}/clear"), None);
+        self.session("POST", &format!("/element/{e}/value"), Some(json!({ "text": text })));
+    }
+
+    fn click(&self, css: &str) {
+        let e = self.element(css);
+        self.session("POST", &format!("/element/{e}/click"), None);
+    }
+
+    fn text(&self, css: &str) -> String {
+        self.session("GET", &format!("/element/{}/text", self.element(css)), None).as_str().unwrap_or_default().to_string()
+    }
+
+    fn property(&self, css: &str, name: &str) -> Value {
+        self.session("GET", &format!("/element/{}/property/{name}", self.element(css)), None)
+    }
+
+    /// Waits for `done` (checked every 50 ms), failing after `seconds`.
+    fn wait(&self, seconds: u64, what: &str, mut done: impl FnMut(&Browser) -> bool) {
+        let start = Instant::now();
+        while !done(self) {
+            assert!(start.elapsed() < Duration::from_secs(seconds), "waited {seconds} s for {what}; status: {}", self.text("#status"));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            self.call("DELETE", &format!("/session/{}", self.session), None);
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// Fill the form, generate with the tiny model, see the progress and the image with its
+/// parameters, and the session's history.
+#[test]
+fn the_page_generates_an_image_with_progress() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/base/pipeline");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_cogview"))
+        .args(["serve", "--port", "0", "--device", "cpu", "--model"])
+        .arg(&model)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(server.stdout.take().unwrap()).lines().next().unwrap().unwrap();
+    let url = line.strip_prefix("listening on ").unwrap().to_string();
+    let browser = Browser::start();
+    browser.session("POST", "/url", Some(json!({ "url": url })));
+    browser.wait(20, "the device line", |b| b.text("#device").contains("burn-flex"));
+    browser.fill("#prompt", "a red fox in the snow");
+    browser.fill("#width", "64");
+    browser.fill("#height", "64");
+    // Enough steps that the progress shows for a while.
+    browser.fill("#steps", "1000");
+    browser.fill("#seed", "7");
+    browser.click("#generate");
+    browser.wait(60, "the progress", |b| b.text("#status").contains("transformer") && b.property("#bar", "value").as_f64() > Some(0.0));
+    assert_eq!(browser.property("#bar", "max"), json!(1000));
+    browser.wait(300, "the image", |b| b.text("#status").starts_with("done"));
+    assert_eq!(browser.property("#image", "naturalWidth"), json!(64));
+    assert!(browser.property("#image", "src").as_str().unwrap().starts_with("blob:"));
+    let parameters = browser.text("#parameters");
+    assert!(parameters.starts_with("a red fox in the snow") && parameters.contains("Steps: 1000") && parameters.contains("Seed: 7, Size: 64x64"), "{parameters}");
+    assert!(browser.text("#status").contains("seed 7"));
+    assert!(browser.find("#history li img").is_some(), "the image is in the session's history");
+    let _ = server.kill();
+    let _ = server.wait();
+}
