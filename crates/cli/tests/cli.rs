@@ -547,3 +547,30 @@ fn familiar_names_quiet_runs_and_rust_log() {
     let quiet = run(Some("error"));
     assert!(!quiet.contains(" INFO ") && !quiet.contains(" WARN "), "RUST_LOG=error: {quiet}");
 }
+
+/// Outside a display session (a container, CI, ssh) graphics drivers complain on stderr while
+/// adapters are enumerated (Mesa 22's EGL: `error: XDG_RUNTIME_DIR is invalid…`). cogview keeps
+/// them out of its output: with `-q` nothing but the written path is printed, even when every
+/// adapter, GL included, is enumerated.
+#[test]
+fn no_driver_lines_outside_a_display_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_cogview"))
+            .args(args)
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("WAYLAND_DISPLAY")
+            .env_remove("DISPLAY")
+            .env_remove("COGVIEW_DEVICE")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "cogview {}: {}", args.join(" "), stderr(&o));
+        assert_eq!(stderr(&o), "", "cogview {} wrote lines it did not make", args.join(" "));
+        stdout(&o)
+    };
+    run(&["-q", "devices", "--all"]);
+    let model = base();
+    let written = run(&["-q", "generate", "--device", "cpu", "--model", &model, "--prompt", "x", "--steps", "1", "-W", "64", "-H", "64", "-o", out.to_str().unwrap()]);
+    assert_eq!(written.trim(), out.to_str().unwrap());
+}
