@@ -178,9 +178,9 @@ struct Finished {
 /// Queues `requests` and waits for them; a client that goes away cancels its job.
 async fn run(s: &AppState, api: Api, requests: Vec<ImageRequest>) -> Result<Finished, Failure> {
     let job = submit_job(s, api, requests)?;
-    let guard = CancelOnDrop(job.clone());
+    let mut guard = CancelOnDrop(Some(job.clone()));
     let status = job.finished().await;
-    std::mem::forget(guard);
+    guard.0 = None;
     match status {
         Status::Done { images, sequence, .. } => {
             Ok(Finished { images, headers: [("x-cogview-job", job.id.to_string()), ("x-cogview-sequence", sequence.to_string())] })
@@ -199,12 +199,15 @@ fn submit_job(s: &AppState, api: Api, requests: Vec<ImageRequest>) -> Result<Arc
     })
 }
 
-/// Cancels the job when the handler is dropped before it finished (the client disconnected).
-struct CancelOnDrop(Arc<Job>);
+/// Cancels the job when the handler is dropped before it finished (the client disconnected);
+/// emptied once the job has finished.
+struct CancelOnDrop(Option<Arc<Job>>);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        self.0.cancel();
+        if let Some(job) = &self.0 {
+            job.cancel();
+        }
     }
 }
 

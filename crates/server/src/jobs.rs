@@ -176,7 +176,7 @@ pub struct Worker {
 
 /// Runs the queue's jobs one at a time, forever.
 pub fn run(queue: Arc<Queue>, mut worker: Worker) {
-    let sequence = AtomicU64::new(0);
+    let mut sequence = 0;
     loop {
         let job = queue.next();
         if job.cancel.load(Ordering::Relaxed) {
@@ -200,7 +200,7 @@ pub fn run(queue: Arc<Queue>, mut worker: Worker) {
                         Image { png: Arc::new(png), seed: request.seed, width: out.width, height: out.height, parameters: settings.parameters() }
                     })
                     .collect();
-                let sequence = sequence.fetch_add(1, Ordering::Relaxed) + 1;
+                sequence += 1;
                 Status::Done { images: Arc::new(images), seconds: start.elapsed().as_secs_f64(), sequence }
             }
             Err(RuntimeError::Cancelled { stage, step }) => Status::Cancelled { stage: Some(stage), step },

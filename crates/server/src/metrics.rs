@@ -44,7 +44,12 @@ impl Metrics {
             c.steps += o.step_seconds.len() as u64;
             c.step_seconds += o.step_seconds.iter().sum::<f64>();
         }
-        c.peak_bytes = outputs.iter().flat_map(|o| [o.text.peak.in_use, o.denoise.peak.in_use, o.decode.peak.in_use]).flatten().max();
+        c.peak_bytes = outputs
+            .iter()
+            .flat_map(|o| [Some(&o.text), o.encode_image.as_ref(), Some(&o.denoise), Some(&o.decode)])
+            .flatten()
+            .filter_map(|stage| stage.peak.in_use)
+            .max();
     }
 
     pub fn record_job(&self, status: &Status, took: Duration) {
