@@ -142,7 +142,7 @@ fn storage_modes_and_streaming_are_bit_identical() {
     let (_dir, f) = bf16_copy("base");
     let f32_stored = run_stored(&f, "base", case, &dev, WeightsChoice::F32, |_| {});
     assert_eq!(f32_stored.plan.storage, WeightStorage::Compute);
-    let bf16_stored = run_stored(&f, "base", case, &dev, WeightsChoice::Auto, |_| {});
+    let bf16_stored = run_stored(&f, "base", case, &dev, WeightsChoice::Bf16, |_| {});
     assert_eq!(bf16_stored.plan.storage, WeightStorage::Bf16, "{}", bf16_stored.plan.storage_reason);
     assert_identical("bf16-stored vs f32-stored", &f32_stored, &bf16_stored);
     let streamed = run_stored(&f, "base", case, &dev, WeightsChoice::Auto, |p| {

@@ -28,7 +28,7 @@ pub const T5_BF16_TOL: f32 = 4e-2;
 /// A fixture's configs and checkpoints, opened.
 pub fn model(variant: &str) -> Model {
     let folder = folder(variant);
-    Model { configs: folder.configs.clone(), source: Source::folder(folder).unwrap() }
+    Model::new(folder.configs.clone(), Source::folder(folder).unwrap())
 }
 
 pub fn encode(variant: &str, device: &Device, dtype: DType, mode: Residency, len: usize) -> (Vec<f32>, PeakMemory) {

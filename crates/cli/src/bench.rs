@@ -110,16 +110,16 @@ fn table(r: &BenchReport, device: &str, precision: &str) -> String {
         "{device}, {precision}: {}x{}, {} steps, T5 {} layers, DiT {} layers; weights {}; budget {} ({})\n",
         r.width, r.height, r.steps, r.t5_layers, r.dit_layers, p.storage, human(p.budget.bytes), p.budget.source
     );
-    s += &format!("{:<18}{:>10}{:>14}{:>14}{:>16}{:>14}  {}\n", "stage", "seconds", "peak in use", "reserved", "full depth", "plan", "mode");
+    s += &format!("{:<18}{:>10}{:>10}{:>14}{:>14}{:>16}{:>14}  {}\n", "stage", "seconds", "load s", "peak in use", "reserved", "full depth", "plan", "mode");
     let rows = [
-        ("T5", r.t5_seconds, &r.t5_peak, r.t5_peak_full_depth, p.text.peak_bytes, p.text.mode.to_string()),
-        ("VAE encode", r.encode_seconds, &r.encode_peak, r.encode_peak.in_use, p.encode_image.map_or(0, |e| e.peak_bytes), p.encode_image.map_or("-".into(), |e| e.mode.to_string())),
-        ("DiT first step", r.first_step_seconds, &r.dit_peak, r.dit_peak_full_depth, p.denoise.peak_bytes, p.denoise.mode.to_string()),
-        ("VAE decode", r.vae_seconds, &r.vae_peak, r.vae_peak_full_depth, p.decode.peak_bytes, p.decode.mode.to_string()),
+        ("T5", r.t5_seconds, r.t5_load_seconds, &r.t5_peak, r.t5_peak_full_depth, p.text.peak_bytes, p.text.mode.to_string()),
+        ("VAE encode", r.encode_seconds, r.encode_load_seconds, &r.encode_peak, r.encode_peak.in_use, p.encode_image.map_or(0, |e| e.peak_bytes), p.encode_image.map_or("-".into(), |e| e.mode.to_string())),
+        ("DiT first step", r.first_step_seconds, r.dit_load_seconds, &r.dit_peak, r.dit_peak_full_depth, p.denoise.peak_bytes, p.denoise.mode.to_string()),
+        ("VAE decode", r.vae_seconds, r.vae_load_seconds, &r.vae_peak, r.vae_peak_full_depth, p.decode.peak_bytes, p.decode.mode.to_string()),
     ];
-    for (name, secs, peak, full, plan, mode) in rows {
+    for (name, secs, load, peak, full, plan, mode) in rows {
         s += &format!(
-            "{name:<18}{secs:>10.3}{:>14}{:>14}{:>16}{:>14}  {mode}\n",
+            "{name:<18}{secs:>10.3}{load:>10.3}{:>14}{:>14}{:>16}{:>14}  {mode}\n",
             mib(peak.in_use),
             mib(peak.reserved),
             mib(full),

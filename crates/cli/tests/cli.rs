@@ -319,6 +319,10 @@ fn bench_reports_every_stage() {
     for key in ["t5_seconds", "first_step_seconds", "median_step_seconds", "guard_seconds_per_step", "vae_seconds", "t5_peak", "dit_peak", "vae_peak"] {
         assert!(v["report"].get(key).is_some(), "{key} in {v}");
     }
+    // Loading is reported apart from each stage's forward: drawing random weights takes time.
+    for key in ["t5_load_seconds", "dit_load_seconds", "vae_load_seconds"] {
+        assert!(v["report"][key].as_f64().is_some_and(|s| s > 0.0), "{key} in {v}");
+    }
     assert_eq!(v["report"]["dit_layers"], 2);
 }
 

@@ -25,7 +25,7 @@ pub struct ImageDecoder {
 impl ImageDecoder {
     pub fn load(model: &Model, device: &Device, dtype: DType, storage: WeightStorage) -> Result<Self, RuntimeError> {
         let vae = &model.configs.vae;
-        let decoder = model.source.load(Component::Vae, device, move |_| dtype, storage, |w| Decoder::load(w, vae))?;
+        let decoder = model.load(Component::Vae, device, move |_| dtype, storage, |w| Decoder::load(w, vae))?;
         Ok(Self { decoder, dtype })
     }
 
@@ -57,6 +57,7 @@ pub(crate) fn decode(run: &mut Run<impl Progress>, kept: &mut Option<ImageDecode
     let scaling = run.model.configs.vae.scaling_factor;
     run.progress.stage(Stage::Decoder, latents.len());
     let start = Instant::now();
+    let loaded = run.model.load_seconds();
     let mut peak = PeakMemory::default();
     let mut vae = match kept.take() {
         Some(d) if d.dtype == compute => d,
@@ -83,7 +84,7 @@ pub(crate) fn decode(run: &mut Run<impl Progress>, kept: &mut Option<ImageDecode
     }
     let keep = run.plan.keep.vae && vae.dtype == compute;
     run.release(kept, vae, keep);
-    Ok((images, StageStats { seconds: start.elapsed().as_secs_f64(), peak }))
+    Ok((images, StageStats::since(start, run.model, loaded, peak)))
 }
 
 /// A tensor's values as f32 host data, with its shape.

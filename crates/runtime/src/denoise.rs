@@ -37,9 +37,9 @@ impl Denoiser {
         let c = &model.configs.transformer;
         let t = Component::Transformer;
         let weights = match mode {
-            Residency::Resident => model.source.load(t, device, move |_| dtype, storage, |w| DenoiserWeights::Resident(Dit::load(w, c)))?,
+            Residency::Resident => model.load(t, device, move |_| dtype, storage, |w| DenoiserWeights::Resident(Dit::load(w, c)))?,
             Residency::Streamed => {
-                model.source.load(t, device, move |_| dtype, storage, |w| DenoiserWeights::Streamed(DitEmbeddings::load(w, c)))?
+                model.load(t, device, move |_| dtype, storage, |w| DenoiserWeights::Streamed(DitEmbeddings::load(w, c)))?
             }
         };
         Ok(Self { weights, dtype, storage })
@@ -79,7 +79,7 @@ impl Denoiser {
                 let device = latents.device();
                 let dtype = self.dtype;
                 let block = |i: usize| -> Result<DitBlock, RuntimeError> {
-                    model.source.load(Component::Transformer, &device, move |_| dtype, self.storage, |w| {
+                    model.load(Component::Transformer, &device, move |_| dtype, self.storage, |w| {
                         DitBlock::load(&w.pp(format!("transformer_blocks.{i}")), c)
                     })
                 };
@@ -149,6 +149,7 @@ pub(crate) fn denoise(
     let total: usize = starts.iter().map(|s| s.scheduler.timesteps.len() - s.first).sum();
     run.progress.stage(Stage::Transformer, total);
     let start = Instant::now();
+    let loaded = run.model.load_seconds();
     let mut peak = PeakMemory::default();
     if total == 0 {
         // img2img at strength 0: nothing to denoise, the transformer is not even loaded.
@@ -181,7 +182,7 @@ pub(crate) fn denoise(
     }
     let keep = run.plan.keep.transformer && dit.dtype() == compute;
     run.release(kept, dit, keep);
-    Ok((outputs, StageStats { seconds: start.elapsed().as_secs_f64(), peak }))
+    Ok((outputs, StageStats::since(start, run.model, loaded, peak)))
 }
 
 /// One step: the transformer on the latents (doubled with guidance), guidance, the scheduler.

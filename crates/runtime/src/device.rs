@@ -538,7 +538,7 @@ pub fn capabilities(device: &Device) -> Capabilities {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Limits {
     /// The device memory the adapter reports (Vulkan: its largest device-local heap; Metal:
-    /// the recommended working set).
+    /// the recommended working set; the CPU backend: three quarters of the machine's memory).
     pub memory: Option<u64>,
     /// The largest buffer burn allocates (cubecl's page size: the storage-binding limit, 128 MiB
     /// on lavapipe, about 2 GiB on most Vulkan and DX12 drivers). `None` on the CPU backend.
@@ -553,7 +553,23 @@ pub fn limits(device: &Device) -> Limits {
             let memory = &client.properties().memory;
             Limits { memory: memory.max_memory(), max_buffer: Some(memory.max_page_size) }
         }
-        _ => Limits::default(),
+        _ => Limits { memory: host_memory().map(|m| m / 4 * 3), max_buffer: None },
+    }
+}
+
+/// The machine's physical memory, whose RAM the CPU backend computes in (three quarters of
+/// it make its budget, the rest is left to the system and other programs); `None` where the
+/// platform does not say.
+fn host_memory() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf reads a system constant; it has no preconditions.
+        let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+        (pages > 0 && size > 0).then(|| pages as u64 * size as u64)
+    }
+    #[cfg(not(unix))]
+    {
+        None
     }
 }
 

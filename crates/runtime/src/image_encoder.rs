@@ -27,7 +27,7 @@ pub struct ImageEncoder {
 impl ImageEncoder {
     pub fn load(model: &Model, device: &Device, dtype: DType, storage: WeightStorage) -> Result<Self, RuntimeError> {
         let vae = &model.configs.vae;
-        let encoder = model.source.load(Component::Vae, device, move |_| dtype, storage, |w| Encoder::load(w, vae))?;
+        let encoder = model.load(Component::Vae, device, move |_| dtype, storage, |w| Encoder::load(w, vae))?;
         Ok(Self { encoder, dtype })
     }
 
@@ -60,6 +60,7 @@ pub(crate) fn encode_images(
     let scaling = run.model.configs.vae.scaling_factor;
     run.progress.stage(Stage::ImageEncoder, requests.iter().filter(|r| r.init_image.is_some()).count());
     let start = Instant::now();
+    let loaded = run.model.load_seconds();
     let mut peak = PeakMemory::default();
     let mut vae = match kept.take() {
         Some(e) if e.dtype == compute => e,
@@ -89,5 +90,5 @@ pub(crate) fn encode_images(
     }
     let keep = run.plan.keep.image_encoder && vae.dtype == compute;
     run.release(kept, vae, keep);
-    Ok((latents, StageStats { seconds: start.elapsed().as_secs_f64(), peak }))
+    Ok((latents, StageStats::since(start, run.model, loaded, peak)))
 }

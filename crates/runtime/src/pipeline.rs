@@ -12,9 +12,12 @@
 //!
 //! Reference: huggingface/diffusers `src/diffusers/pipelines/cogview3/pipeline_cogview3plus.py`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
-use cogview_import::ModelFolder;
-use cogview_models::Configs;
+use cogview_import::{Component, ModelFolder};
+use cogview_models::{Configs, WeightStorage};
 use cogview_models::scheduler::DdimScheduler;
 use serde::Serialize;
 
@@ -27,7 +30,7 @@ use crate::memory::PeakMemory;
 use crate::plan::{self, Budget, Plan, PlanInput, WeightsChoice};
 use crate::progress::{Progress, Stage};
 use crate::request::{Field, Request, RequestError, seeded_noise};
-use crate::source::Source;
+use crate::source::{Source, Weights};
 use crate::target::Target;
 use crate::text::{Conditioning, Encoded, TextEncoder, encode_prompts};
 
@@ -35,6 +38,36 @@ use crate::text::{Conditioning, Encoded, TextEncoder, encode_prompts};
 pub struct Model {
     pub configs: Configs,
     pub source: Source,
+    /// Nanoseconds spent in [`load`](Self::load) so far.
+    loading: AtomicU64,
+}
+
+impl Model {
+    pub fn new(configs: Configs, source: Source) -> Self {
+        Self { configs, source, loading: AtomicU64::new(0) }
+    }
+
+    /// [`Source::load`], timed: reading (or drawing) the weights and handing them to the
+    /// device add up in [`load_seconds`](Self::load_seconds), so a stage can report its
+    /// forward time apart from its loading.
+    pub fn load<M>(
+        &self,
+        c: Component,
+        device: &Device,
+        dtype_for: impl Fn(&str) -> DType + 'static,
+        storage: WeightStorage,
+        build: impl FnOnce(&Weights) -> M,
+    ) -> Result<M, RuntimeError> {
+        let start = Instant::now();
+        let module = self.source.load(c, device, dtype_for, storage, build);
+        self.loading.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        module
+    }
+
+    /// Seconds spent loading weights so far (on a GPU, until the uploads were queued).
+    pub fn load_seconds(&self) -> f64 {
+        self.loading.load(Ordering::Relaxed) as f64 * 1e-9
+    }
 }
 
 /// How a pipeline runs, besides the device.
@@ -59,7 +92,17 @@ pub struct Options {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StageStats {
     pub seconds: f64,
+    /// The part of `seconds` spent loading the component's weights ([`Model::load`]).
+    pub load_seconds: f64,
     pub peak: PeakMemory,
+}
+
+impl StageStats {
+    /// The stats of a stage that began at `start`, when the model had loaded for `loaded`
+    /// seconds.
+    pub(crate) fn since(start: Instant, model: &Model, loaded: f64, peak: PeakMemory) -> Self {
+        Self { seconds: start.elapsed().as_secs_f64(), load_seconds: model.load_seconds() - loaded, peak }
+    }
 }
 
 /// The tensors `--save-tensors` writes, as f32 host data with their shapes.
@@ -124,12 +167,12 @@ impl Pipeline {
     /// every key checked against the configs; no weight is read until a stage needs it.
     pub fn load(folder: ModelFolder, target: Target, options: Options) -> Result<Self, RuntimeError> {
         let configs = folder.configs.clone();
-        Ok(Self::new(Model { configs, source: Source::folder(folder)? }, target, options))
+        Ok(Self::new(Model::new(configs, Source::folder(folder)?), target, options))
     }
 
     /// A pipeline on random weights (and made-up token ids) of `configs`: the benchmark's.
     pub fn random(configs: Configs, target: Target, options: Options) -> Self {
-        Self::new(Model { configs, source: Source::Random }, target, options)
+        Self::new(Model::new(configs, Source::Random), target, options)
     }
 
     fn new(model: Model, target: Target, options: Options) -> Self {

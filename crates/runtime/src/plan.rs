@@ -369,7 +369,17 @@ fn vae_activations(c: &VaeConfig, h: usize, w: usize, dtype: DType) -> (u64, u64
 pub fn make(input: &PlanInput) -> Plan {
     let budget = input.budget.bytes;
     let mut warnings = Vec::new();
-    let (storage, storage_reason) = choose_storage(input);
+    let (mut storage, mut storage_reason) = choose_storage(input);
+    let cpu = input.caps.compiler == crate::device::Compiler::Native;
+    if cpu && input.weights == WeightsChoice::Auto && storage != WeightStorage::Compute {
+        // burn's CPU backend widens a bf16 weight on the host at every use (a single-threaded
+        // pass, about a fifth of a step at 256²): where the transformer fits resident in f32,
+        // it is widened once, at load.
+        if plan_denoise(input, WeightStorage::Compute).0.mode == Residency::Resident {
+            storage = WeightStorage::Compute;
+            storage_reason = format!("{storage_reason}; on the CPU backend widened once at load instead, since the f32 transformer fits the budget resident");
+        }
+    }
     let text = plan_text(input);
     let (denoise, attn) = plan_denoise(input, storage);
     if denoise.peak_bytes > budget {
@@ -599,6 +609,22 @@ mod tests {
         // The dry run says what stays.
         assert!(roomy.report().contains("kept        text encoder, VAE encoder, transformer, VAE decoder"));
         assert!(!just.report().contains("\nimage ") && just.report().contains("kept        text encoder\n"));
+    }
+
+    /// On the CPU backend a bf16 checkpoint's transformer is widened once, at load, where it
+    /// fits resident in f32, and kept bf16 where only that fits; a GPU keeps bf16 regardless.
+    #[test]
+    fn the_cpu_widens_at_load_when_the_f32_transformer_fits() {
+        let all = DtypeSupport { storage: true, arithmetic: true, accelerated: false };
+        let cpu = Capabilities { compiler: Compiler::Native, f32: all, f16: all, bf16: all };
+        let configs = Configs::cogview3_plus_3b();
+        let roomy = real(1 << 40, false, false, &cpu, &configs);
+        assert_eq!((roomy.storage, roomy.denoise.mode), (WeightStorage::Compute, Residency::Resident), "{}", roomy.storage_reason);
+        assert!(roomy.storage_reason.contains("widened once at load"), "{}", roomy.storage_reason);
+        let tight = real(8 << 30, false, false, &cpu, &configs);
+        assert_eq!((tight.storage, tight.denoise.mode), (WeightStorage::Bf16, Residency::Resident), "{}", tight.storage_reason);
+        let gpu = Capabilities { compiler: Compiler::Spirv, ..cpu };
+        assert_eq!(real(1 << 40, false, false, &gpu, &configs).storage, WeightStorage::Bf16);
     }
 
     #[test]

@@ -50,7 +50,7 @@ impl TextEncoder {
     /// Loads the token table on the CPU, and in resident mode every block on `device`.
     pub fn load(model: &Model, device: &Device, dtype: DType, mode: Residency) -> Result<Self, RuntimeError> {
         let t5 = &model.configs.text_encoder;
-        let embedding = model.source.load(Component::TextEncoder, &Device::flex(), t5_weight_dtype(dtype), WeightStorage::Compute, |w| {
+        let embedding = model.load(Component::TextEncoder, &Device::flex(), t5_weight_dtype(dtype), WeightStorage::Compute, |w| {
             T5Embedding::load(w, t5)
         })?;
         let mut encoder = Self { embedding, blocks: None, device: device.clone(), dtype, calls: Cell::new(0) };
@@ -75,7 +75,7 @@ impl TextEncoder {
 
     fn load_block(&self, model: &Model, i: usize) -> Result<T5Block, RuntimeError> {
         let t5 = &model.configs.text_encoder;
-        model.source.load(Component::TextEncoder, &self.device, t5_weight_dtype(self.dtype), WeightStorage::Compute, |w| {
+        model.load(Component::TextEncoder, &self.device, t5_weight_dtype(self.dtype), WeightStorage::Compute, |w| {
             T5Block::load(&w.pp(format!("encoder.block.{i}")), t5)
         })
     }
@@ -174,6 +174,7 @@ pub struct Encoded {
 /// the encoder is left there again when the plan keeps it.
 pub(crate) fn encode_prompts(run: &mut Run<impl Progress>, kept: &mut Option<TextEncoder>, requests: &[Request]) -> Result<Encoded, RuntimeError> {
     let start = Instant::now();
+    let loaded = run.model.load_seconds();
     let compute = run.compute();
     let mode = run.plan.text.mode;
     // Each distinct (prompt, negative prompt when guided, length); guided when any of its
@@ -233,5 +234,5 @@ pub(crate) fn encode_prompts(run: &mut Run<impl Progress>, kept: &mut Option<Tex
         .collect();
     let keep = run.plan.keep.text && encoder.dtype() == compute;
     run.release(kept, encoder, keep);
-    Ok(Encoded { conditionings, encoder_calls, stats: StageStats { seconds: start.elapsed().as_secs_f64(), peak } })
+    Ok(Encoded { conditionings, encoder_calls, stats: StageStats::since(start, run.model, loaded, peak) })
 }
