@@ -287,6 +287,16 @@ pub fn choose_storage(input: &PlanInput) -> (WeightStorage, String) {
         WeightsChoice::F32 => (WeightStorage::Compute, "--weights f32: stored in the compute dtype".into()),
         _ if !narrower => (WeightStorage::Compute, "the compute dtype is already 16-bit".into()),
         WeightsChoice::Bf16 => (bf16(), format!("--weights bf16: stored {how}, widened to f32 layer by layer")),
+        // burn's CPU backend widens a bf16 weight on the host at every use (a single-threaded
+        // pass, about a fifth of a step at 256²): where the transformer fits resident in f32,
+        // it is widened once, at load.
+        WeightsChoice::Auto
+            if input.checkpoint_bf16
+                && input.caps.compiler == crate::device::Compiler::Native
+                && plan_denoise(input, WeightStorage::Compute).0.mode == Residency::Resident =>
+        {
+            (WeightStorage::Compute, "the checkpoint is bf16; on the CPU backend widened once at load, since the f32 transformer fits the budget resident".into())
+        }
         WeightsChoice::Auto if input.checkpoint_bf16 => {
             (bf16(), format!("the checkpoint is bf16: stored {how} (lossless, half the memory), widened to f32 layer by layer"))
         }
@@ -369,17 +379,7 @@ fn vae_activations(c: &VaeConfig, h: usize, w: usize, dtype: DType) -> (u64, u64
 pub fn make(input: &PlanInput) -> Plan {
     let budget = input.budget.bytes;
     let mut warnings = Vec::new();
-    let (mut storage, mut storage_reason) = choose_storage(input);
-    let cpu = input.caps.compiler == crate::device::Compiler::Native;
-    if cpu && input.weights == WeightsChoice::Auto && storage != WeightStorage::Compute {
-        // burn's CPU backend widens a bf16 weight on the host at every use (a single-threaded
-        // pass, about a fifth of a step at 256²): where the transformer fits resident in f32,
-        // it is widened once, at load.
-        if plan_denoise(input, WeightStorage::Compute).0.mode == Residency::Resident {
-            storage = WeightStorage::Compute;
-            storage_reason = format!("{storage_reason}; on the CPU backend widened once at load instead, since the f32 transformer fits the budget resident");
-        }
-    }
+    let (storage, storage_reason) = choose_storage(input);
     let text = plan_text(input);
     let (denoise, attn) = plan_denoise(input, storage);
     if denoise.peak_bytes > budget {
