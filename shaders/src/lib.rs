@@ -1,6 +1,37 @@
-//! Custom CubeCL kernels for cogview. Each is a `#[cube]` function (so it compiles to WGSL,
-//! SPIR-V and MSL, whichever compiler the adapter got), launched through a burn backend
-//! extension (so it runs under burn's fusion like any other op), beside a plain-burn reference
-//! and a parity test.
+//! Custom kernels for cogview, each beside a plain-burn reference and a parity test.
+//!
+//! - GPU: `#[cube]` functions (so they compile to WGSL, SPIR-V and MSL, whichever compiler the
+//!   adapter got), launched through a burn backend extension (so they run under burn's fusion
+//!   like any other op): [`bf16`].
+//! - burn's CPU backend (burn-flex): host code on its tensors' memory, through the same kind of
+//!   extension, where burn-flex's own ops leave most of the machine idle. Its elementwise ops
+//!   run on one thread and its convolution copies nine times its input: [`conv`],
+//!   [`group_norm`], [`layer_norm`], [`gelu`]. Each says with an `applies` function when it is used; models
+//!   call burn's op otherwise.
+
+use burn::backend::flex::FlexTensor;
+use burn::tensor::{DType, Tensor, TensorData};
 
 pub mod bf16;
+pub mod conv;
+pub mod gelu;
+pub mod group_norm;
+pub mod layer_norm;
+
+/// Whether `x` is an f32 tensor on burn's CPU backend, where the host kernels run.
+pub fn on_cpu_f32<const D: usize>(x: &Tensor<D>) -> bool {
+    matches!(x.device().as_dispatch(), burn::backend::DispatchDevice::Flex(_)) && x.dtype() == DType::F32
+}
+
+/// An f32 burn-flex tensor as a contiguous buffer a host kernel may overwrite: the same memory
+/// when nothing else holds it, else a copy.
+fn owned_f32(x: FlexTensor) -> FlexTensor {
+    let contiguous = x.to_contiguous();
+    drop(x);
+    if contiguous.is_unique() {
+        contiguous
+    } else {
+        let shape = contiguous.layout().shape().clone();
+        FlexTensor::from_data(TensorData::new(contiguous.storage::<f32>().to_vec(), shape))
+    }
+}

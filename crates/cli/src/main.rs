@@ -77,6 +77,13 @@ pub struct DeviceArgs {
 }
 
 fn main() -> ExitCode {
+    // Release builds abort on panic. The message must reach the terminal even when the panic
+    // hits while the drivers' stderr output is being captured.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        cogview_runtime::driver_output::release_for_panic();
+        report(info)
+    }));
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let level = match (cli.quiet, cli.verbose) {

@@ -15,7 +15,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use serde::Deserialize;
 
-use crate::nn::{Linear, gelu_tanh, layer_norm, silu};
+use crate::nn::{Linear, gelu_tanh, layer_norm, layer_norm_modulate, silu};
 use crate::probe::Probe;
 use crate::weights::WeightSource;
 
@@ -204,9 +204,7 @@ impl DitBlock {
         probe.check(|| format!("{name}.norm1.linear"), &m);
         // shift, scale, gate (msa), shift, scale, gate (mlp), then the same six for the text.
         let m: Vec<Tensor<3>> = m.chunk(12, 1).into_iter().map(|t| t.unsqueeze_dim(1)).collect(); // 12 × [N, 1, D]
-        let modulate = |h: Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>| {
-            layer_norm(h, 1e-5) * scale.clone().add_scalar(1.0) + shift.clone()
-        };
+        let modulate = |h: Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>| layer_norm_modulate(h, shift.clone(), scale.clone(), 1e-5);
         let nx = modulate(x.clone(), &m[0], &m[1]);
         let nc = modulate(c.clone(), &m[6], &m[7]);
 
@@ -439,7 +437,7 @@ impl DitEmbeddings {
         probe.check(|| "norm_out.linear".into(), &m);
         let mut m = m.chunk(2, 1).into_iter().map(|t| t.unsqueeze_dim::<3>(1));
         let (scale, shift) = (m.next().expect("2 chunks"), m.next().expect("2 chunks"));
-        let x = layer_norm(x, 1e-6) * scale.add_scalar(1.0) + shift;
+        let x = layer_norm_modulate(x, shift, scale, 1e-6);
         let x = self.proj_out.forward(x);
         probe.check(|| "proj_out".into(), &x);
         let (hp, wp) = (h / p, w / p);

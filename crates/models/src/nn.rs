@@ -9,6 +9,7 @@ use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{FloatDType, Tensor};
 
+use cogview_shaders::{conv, gelu, group_norm, layer_norm};
 use crate::storage::Weight;
 use crate::weights::WeightSource;
 
@@ -95,6 +96,11 @@ impl Conv2d {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let weight = self.weight.get();
         let x = x.cast(weight.dtype());
+        // burn's CPU backend convolves through im2col at about half its matrix-product speed;
+        // a same-padded 3×3 convolution there runs as nine matrix products instead.
+        if conv::applies(&x, &weight, &self.options) {
+            return conv::conv3x3_same(x, weight, self.bias.clone());
+        }
         conv2d(x, weight, Some(self.bias.clone()), self.options.clone())
     }
 }
@@ -109,6 +115,26 @@ fn stats_dtype() -> FloatDType {
 /// # Shapes
 /// - x: `[..., D]` → `[..., D]`
 pub fn layer_norm<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
+    if layer_norm::applies(&x) {
+        return layer_norm::layer_norm(x, eps);
+    }
+    layer_norm_burn(x, eps)
+}
+
+/// AdaLN's modulated norm, `layer_norm(x, eps) · (1 + scale) + shift`, in one pass on burn's
+/// CPU backend.
+///
+/// # Shapes
+/// - x: `[N, T, D]`, shift and scale: `[N, 1, D]` → `[N, T, D]`
+pub fn layer_norm_modulate(x: Tensor<3>, shift: Tensor<3>, scale: Tensor<3>, eps: f64) -> Tensor<3> {
+    if layer_norm::applies(&x) && layer_norm::applies(&shift) && layer_norm::applies(&scale) {
+        return layer_norm::layer_norm_modulate(x, shift, scale, eps);
+    }
+    layer_norm_burn(x, eps) * scale.add_scalar(1.0) + shift
+}
+
+/// [`layer_norm`] as burn ops (the GPU path, and the CPU kernel's reference).
+fn layer_norm_burn<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
     let dtype = x.dtype();
     let x = x.cast(stats_dtype());
     let (var, mean) = x.clone().var_mean_bias(D - 1);
@@ -147,6 +173,25 @@ impl GroupNorm {
     /// # Shapes
     /// - x: `[N, C, H, W]` → `[N, C, H, W]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        if group_norm::applies(&x, &self.weight) {
+            return group_norm::group_norm(x, self.weight.clone(), self.bias.clone(), self.groups, self.eps, false);
+        }
+        self.forward_burn(x)
+    }
+
+    /// `silu(self.forward(x))`, fused into the normalisation's pass on burn's CPU backend.
+    ///
+    /// # Shapes
+    /// - x: `[N, C, H, W]` → `[N, C, H, W]`
+    pub fn forward_silu(&self, x: Tensor<4>) -> Tensor<4> {
+        if group_norm::applies(&x, &self.weight) {
+            return group_norm::group_norm(x, self.weight.clone(), self.bias.clone(), self.groups, self.eps, true);
+        }
+        silu(self.forward_burn(x))
+    }
+
+    /// The normalisation as burn ops (the GPU path, and the CPU kernel's reference).
+    fn forward_burn(&self, x: Tensor<4>) -> Tensor<4> {
         let [n, c, h, w] = x.dims();
         let dtype = self.weight.dtype();
         let g = x.cast(stats_dtype()).reshape([n, self.groups, (c / self.groups) * h * w]);
@@ -169,6 +214,14 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// or `tanh` per element, which on the CPU backend are scalar library calls. Where `x²`
 /// overflows (f16 beyond 256) `2u` is ±∞ and the result is `x` or 0, as with tanh.
 pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if gelu::applies(&x) {
+        return gelu::gelu_tanh(x);
+    }
+    gelu_tanh_burn(x)
+}
+
+/// [`gelu_tanh`] as burn ops (the GPU path, and the CPU kernel's reference).
+fn gelu_tanh_burn<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     const TWO_SQRT_2_OVER_PI: f64 = 2.0 * 0.797_884_560_802_865_4;
     let two_u = x.clone() * (x.clone() * x.clone()).mul_scalar(TWO_SQRT_2_OVER_PI * 0.044715).add_scalar(TWO_SQRT_2_OVER_PI);
     x * sigmoid(two_u)
@@ -224,6 +277,81 @@ mod tests {
         let want = [-0.00363739, -0.15880801, 0.0, 0.34571401, 1.95459769];
         close(gelu_tanh(tensor(&[-3.0, -1.0, 0.0, 0.5, 2.0], [5])), &want);
         close(silu(tensor(&[0.0, 1.0], [2])), &[0.0, 0.7310586]);
+    }
+
+    /// The CPU kernels against the burn ops they replace: the same function, rounded
+    /// differently (GroupNorm's statistics in f64 and its affine folded into one multiply-add;
+    /// GELU's sigmoid as one division). Outputs are of order 1 to 6 here, so 1e-5 is a few ulps.
+    const KERNEL_TOL: f32 = 1e-5;
+
+    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    #[test]
+    fn cpu_group_norm_is_the_burn_one() {
+        use burn::tensor::Distribution;
+        let device = Device::flex();
+        let c = 64;
+        let n = GroupNorm {
+            weight: Tensor::random([c], Distribution::Uniform(-2.0, 2.0), &device),
+            bias: Tensor::random([c], Distribution::Uniform(-1.0, 1.0), &device),
+            groups: 32,
+            eps: 1e-6,
+        };
+        // An offset and scale far from 0 and 1, so the statistics matter.
+        let x = Tensor::<4>::random([2, c, 5, 7], Distribution::Normal(3.0, 2.0), &device);
+        assert!(group_norm::applies(&x, &n.weight));
+        let want = n.forward_burn(x.clone());
+        let err = max_diff(n.forward(x.clone()), want.clone());
+        assert!(err <= KERNEL_TOL, "group norm: {err}");
+        let err = max_diff(n.forward_silu(x.clone()), silu(want));
+        assert!(err <= KERNEL_TOL, "group norm + silu: {err}");
+        // A view (not contiguous) is read through its strides; a tensor still held elsewhere
+        // is read, not overwritten.
+        let view = x.clone().swap_dims(2, 3);
+        let err = max_diff(n.forward(view.clone()), n.forward_burn(view));
+        assert!(err <= KERNEL_TOL, "strided group norm: {err}");
+        let before = x.to_data();
+        let _ = n.forward_silu(x.clone());
+        assert_eq!(x.to_data(), before);
+    }
+
+    #[test]
+    fn cpu_gelu_is_the_burn_one() {
+        use burn::tensor::Distribution;
+        let x = Tensor::<2>::random([3, 1000], Distribution::Uniform(-6.0, 6.0), &Device::flex());
+        assert!(gelu::applies(&x));
+        let err = max_diff(gelu_tanh(x.clone()), gelu_tanh_burn(x.clone()));
+        assert!(err <= KERNEL_TOL, "gelu: {err}");
+        // Infinities, NaN and extremes as the burn ops give them (-∞·0 is NaN in both).
+        let special = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -100.0, 100.0, f32::MAX];
+        let got = gelu_tanh(tensor(&special, [6])).into_data().try_to_vec::<f32>().unwrap();
+        let want = gelu_tanh_burn(tensor(&special, [6])).into_data().try_to_vec::<f32>().unwrap();
+        for ((g, w), x) in got.iter().zip(&want).zip(special) {
+            assert!(g == w || (g.is_nan() && w.is_nan()), "gelu({x}): {g} against burn's {w}");
+        }
+    }
+
+    #[test]
+    fn cpu_layer_norms_are_the_burn_ones() {
+        use burn::tensor::Distribution;
+        let device = Device::flex();
+        let x = Tensor::<3>::random([2, 5, 48], Distribution::Normal(2.0, 3.0), &device);
+        let shift = Tensor::<3>::random([2, 1, 48], Distribution::Uniform(-1.0, 1.0), &device);
+        let scale = Tensor::<3>::random([2, 1, 48], Distribution::Uniform(-1.0, 1.0), &device);
+        assert!(layer_norm::applies(&x));
+        let err = max_diff(layer_norm(x.clone(), 1e-6), layer_norm_burn(x.clone(), 1e-6));
+        assert!(err <= KERNEL_TOL, "layer norm: {err}");
+        let want = layer_norm_burn(x.clone(), 1e-5) * scale.clone().add_scalar(1.0) + shift.clone();
+        let before = x.to_data();
+        let err = max_diff(layer_norm_modulate(x.clone(), shift, scale, 1e-5), want);
+        assert!(err <= KERNEL_TOL, "modulated layer norm: {err}");
+        assert_eq!(x.to_data(), before, "the input is still held here, so it must not be overwritten");
+        // The attention's queries: a [N, H, T, hd] view of [N, T, H, hd].
+        let q = Tensor::<4>::random([2, 7, 3, 40], Distribution::Normal(0.0, 2.0), &device).swap_dims(1, 2);
+        let err = max_diff(layer_norm(q.clone(), 1e-6), layer_norm_burn(q, 1e-6));
+        assert!(err <= KERNEL_TOL, "strided layer norm: {err}");
     }
 
     /// A linear layer whose weight is kept in blocks of rows (one row a block here) gives what

@@ -11,7 +11,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::Deserialize;
 
-use crate::nn::{Conv2d, GroupNorm, Linear, silu};
+use crate::nn::{Conv2d, GroupNorm, Linear};
 use crate::probe::Probe;
 use crate::weights::WeightSource;
 
@@ -148,9 +148,9 @@ impl ResnetBlock {
     /// # Shapes
     /// - x: `[N, C_in, H, W]` → `[N, C_out, H, W]`
     fn forward(&self, x: Tensor<4>, name: &str, probe: &mut impl Probe) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
         probe.check(|| format!("{name}.conv1"), &h);
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv2.forward(self.norm2.forward_silu(h));
         probe.check(|| format!("{name}.conv2"), &h);
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x),
@@ -299,7 +299,7 @@ impl Decoder {
                 probe.check(|| format!("decoder.up_blocks.{i}.upsamplers.0.conv"), &x);
             }
         }
-        let x = self.conv_out.forward(silu(self.conv_norm_out.forward(x)));
+        let x = self.conv_out.forward(self.conv_norm_out.forward_silu(x));
         probe.check(|| "decoder.conv_out".into(), &x);
         x
     }
@@ -448,7 +448,7 @@ impl Encoder {
             }
         }
         x = self.mid_block.forward(x, "encoder.mid_block", probe);
-        x = self.conv_out.forward(silu(self.conv_norm_out.forward(x)));
+        x = self.conv_out.forward(self.conv_norm_out.forward_silu(x));
         probe.check(|| "encoder.conv_out".into(), &x);
         if let Some(conv) = &self.quant_conv {
             x = conv.forward(x);

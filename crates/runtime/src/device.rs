@@ -490,24 +490,15 @@ pub fn open(adapter: &AdapterInfo) -> Result<Device, DeviceError> {
         None => Device::flex(),
         Some((_, api)) => {
             let kind = adapter.burn_kind.clone();
-            // A driver can panic inside wgpu or cubecl while a device comes up; that is this
-            // adapter's failure, reported as such, not a crash of the whole listing.
+            // burn returns the errors of adapter and device requests. A panic inside a driver
+            // is not caught: release builds abort on panic (Cargo.toml's profile, for size),
+            // with the message on stderr even during this capture (`release_for_panic`).
             let init = crate::driver_output::captured(&format!("starting {}", adapter.label()), || {
-                std::panic::catch_unwind(|| Device::wgpu_options().graphics_api(api).device_kind(kind).init())
+                Device::wgpu_options().graphics_api(api).device_kind(kind).init()
             });
             match init {
-                Ok(Ok(device)) => device,
-                Ok(Err(e)) => {
-                    return Err(DeviceError::Init { adapter: adapter.label(), reason: e.to_string() });
-                }
-                Err(panic) => {
-                    let reason = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "panicked".to_string());
-                    return Err(DeviceError::Init { adapter: adapter.label(), reason });
-                }
+                Ok(device) => device,
+                Err(e) => return Err(DeviceError::Init { adapter: adapter.label(), reason: e.to_string() }),
             }
         }
     };

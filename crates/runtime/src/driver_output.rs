@@ -16,6 +16,13 @@ pub fn captured<T>(what: &str, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Points stderr back at the terminal if a capture is under way, for a panic's message: release
+/// builds abort on panic, so a capture's own restore never runs and the message would go into
+/// the pipe with the process. For a panic hook; does nothing outside a capture.
+pub fn release_for_panic() {
+    imp::release_for_panic();
+}
+
 /// `f`'s result and what was written to stderr while it ran.
 fn capture<T>(f: impl FnOnce() -> T) -> (T, String) {
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -29,7 +36,22 @@ fn capture<T>(f: impl FnOnce() -> T) -> (T, String) {
 mod imp {
     use std::io::Read;
     use std::os::fd::{FromRawFd, RawFd};
+    use std::sync::atomic::{AtomicI32, Ordering};
     use std::thread::JoinHandle;
+
+    /// The saved original stderr while a capture is under way, else -1.
+    static SAVED: AtomicI32 = AtomicI32::new(-1);
+
+    pub fn release_for_panic() {
+        let saved = SAVED.load(Ordering::SeqCst);
+        if saved >= 0 {
+            // SAFETY: `saved` stays open until the capture restores it, which clears SAVED
+            // first; the process is going down, so the pipe's reader no longer matters.
+            unsafe {
+                libc::dup2(saved, 2);
+            }
+        }
+    }
 
     /// stderr redirected into a pipe that a thread drains (so a chatty driver never blocks
     /// on a full pipe).
@@ -60,6 +82,7 @@ mod imp {
                     let _ = read_end.read_to_end(&mut bytes);
                     String::from_utf8_lossy(&bytes).into_owned()
                 });
+                SAVED.store(saved, Ordering::SeqCst);
                 Some(Self { saved, reader: Some(reader) })
             }
         }
@@ -72,6 +95,7 @@ mod imp {
 
         fn restore(&mut self) {
             if self.saved >= 0 {
+                SAVED.store(-1, Ordering::SeqCst);
                 // SAFETY: `saved` is the duplicate of the original stderr made in `start`.
                 // Pointing 2 back at it closes the pipe's last write end, so the reader ends.
                 unsafe {
@@ -104,6 +128,8 @@ mod imp {
             String::new()
         }
     }
+
+    pub fn release_for_panic() {}
 }
 
 #[cfg(all(test, unix))]
@@ -121,6 +147,22 @@ mod tests {
         assert_eq!(text.as_bytes(), msg);
         assert_eq!(captured("testing", || 7), 7);
         // The descriptor is the real stderr again: writing to it succeeds.
+        assert!(unsafe { libc::write(2, b"".as_ptr().cast(), 0) } >= 0);
+    }
+
+    /// After `release_for_panic` (what the CLI's panic hook calls) fd 2 is the real stderr
+    /// again inside a capture: a panic's message written then is not swallowed by the pipe.
+    #[test]
+    fn a_panic_inside_a_capture_reaches_the_real_stderr() {
+        let (before, after) = (b"driver line\n", b"(a line the test writes to the real stderr)\n");
+        // SAFETY: writing buffers to the stderr descriptor.
+        let ((), text) = capture(|| unsafe {
+            libc::write(2, before.as_ptr().cast(), before.len());
+            release_for_panic();
+            libc::write(2, after.as_ptr().cast(), after.len());
+        });
+        assert_eq!(text.as_bytes(), before);
+        release_for_panic(); // outside a capture: nothing to do
         assert!(unsafe { libc::write(2, b"".as_ptr().cast(), 0) } >= 0);
     }
 }
