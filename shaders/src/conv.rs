@@ -199,5 +199,6 @@ mod tests {
         let downsample = ConvOptions::new_with_padding([2, 2], [(0, 1), (0, 1)], [1, 1], 1);
         assert!(!applies(&x, &w, &downsample), "stride 2");
         assert!(!applies(&x, &w, &ConvOptions::new([1, 1], [0, 0], [1, 1], 1)), "no padding");
+        assert!(!applies(&Tensor::<4>::zeros([1, 64, 0, 4], &device), &w, &same), "an empty input");
     }
 }

@@ -18,9 +18,12 @@ pub mod gelu;
 pub mod group_norm;
 pub mod layer_norm;
 
-/// Whether `x` is an f32 tensor on burn's CPU backend, where the host kernels run.
+/// Whether `x` is a non-empty f32 tensor on burn's CPU backend, where the host kernels run
+/// (they split tensors into rows, groups or planes; an empty one is left to burn's ops).
 pub fn on_cpu_f32<const D: usize>(x: &Tensor<D>) -> bool {
-    matches!(x.device().as_dispatch(), burn::backend::DispatchDevice::Flex(_)) && x.dtype() == DType::F32
+    matches!(x.device().as_dispatch(), burn::backend::DispatchDevice::Flex(_))
+        && x.dtype() == DType::F32
+        && x.shape().num_elements() > 0
 }
 
 /// An f32 burn-flex tensor as a contiguous buffer a host kernel may overwrite: the same memory
