@@ -12,7 +12,7 @@
 //! So each tap is one matrix product `out[c_out, n] += w[c_out, c_in, dy, dx] · xp[c_in, n + shift]`
 //! over all `n = H·(W+2)` positions, reading the padded input in place (gemm, the crate burn-flex
 //! itself multiplies with, takes strided operands). The two padding columns of each output row
-//! are dropped at the end. No column buffer, one weight packing per tap.
+//! are dropped at the end. No column buffer, and the weight is not packed again per tile.
 //!
 //! The plain-burn reference is burn's own `conv2d` with padding 1.
 
@@ -26,8 +26,7 @@ use crate::on_cpu_f32;
 
 /// Whether [`conv3x3_same`] computes `conv2d(x, weight, _, options)`: stride 1, padding 1,
 /// dilation 1 and one group, an f32 input on burn's CPU backend, an f32 `[c_out, c_in, 3, 3]`
-/// weight, and enough channels on both sides for a matrix product per tap to pay (the
-/// VAE's first and last convolutions, 16 → 128·k and 128 → 3 channels, stay with burn).
+/// weight, and enough channels on both sides for a matrix product per tap to pay.
 pub fn applies(x: &Tensor<4>, weight: &Tensor<4>, options: &ConvOptions<2>) -> bool {
     let [c_out, c_in, kh, kw] = weight.dims();
     *options == ConvOptions::new([1, 1], [1, 1], [1, 1], 1)
@@ -39,8 +38,9 @@ pub fn applies(x: &Tensor<4>, weight: &Tensor<4>, options: &ConvOptions<2>) -> b
         && c_out >= MIN_CHANNELS
 }
 
-/// Below this many input or output channels a tap's matrix product is too thin for gemm's
-/// register tiles and burn-flex's own paths are as fast.
+/// Below this many input or output channels a tap's matrix product is too thin to fill gemm's
+/// register tiles. The convolutions this leaves to burn-flex are small ones: the VAE decoder's
+/// `conv_in` (16 latent channels in) and `conv_out` (3 channels out).
 const MIN_CHANNELS: usize = 32;
 
 /// `conv2d(x, weight, bias)` with a 3×3 kernel, stride 1, padding 1, dilation 1, one group, on
