@@ -6,7 +6,7 @@
 //! - burn's CPU backend (burn-flex): host code on its tensors' memory, through the same kind of
 //!   extension, where burn-flex's own ops leave most of the machine idle. Its elementwise ops
 //!   run on one thread and its convolution copies nine times its input: [`conv`],
-//!   [`group_norm`], [`layer_norm`], [`gelu`]. Each says with an `applies` function when it is used; models
+//!   [`linear`], [`group_norm`], [`layer_norm`], [`gelu`]. Each says with an `applies` function when it is used; models
 //!   call burn's op otherwise.
 
 use burn::backend::flex::FlexTensor;
@@ -17,6 +17,7 @@ pub mod conv;
 pub mod gelu;
 pub mod group_norm;
 pub mod layer_norm;
+pub mod linear;
 
 /// Whether `x` is a non-empty f32 tensor on burn's CPU backend, where the host kernels run
 /// (they split tensors into rows, groups or planes; an empty one is left to burn's ops).

@@ -9,7 +9,7 @@ use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{FloatDType, Tensor};
 
-use cogview_shaders::{conv, gelu, group_norm, layer_norm};
+use cogview_shaders::{conv, gelu, group_norm, layer_norm, linear};
 use crate::storage::Weight;
 use crate::weights::WeightSource;
 
@@ -23,7 +23,7 @@ pub struct Linear {
 impl Linear {
     pub fn load(w: &impl WeightSource, d_in: usize, d_out: usize, bias: bool) -> Self {
         Self {
-            weight: w.weight("weight", [d_out, d_in]),
+            weight: w.weight("weight", [d_out, d_in]).for_matmul(),
             bias: bias.then(|| w.tensor("bias", [d_out])),
         }
     }
@@ -58,7 +58,16 @@ impl Linear {
                     .collect();
                 Tensor::cat(parts, 1)
             }
-            weight => burn::tensor::module::linear(x, weight.get().transpose(), self.bias.clone()),
+            weight => {
+                let w = weight.get();
+                let [d_out, _] = w.dims();
+                let bias = self.bias.clone().unwrap_or_else(|| Tensor::zeros([d_out], &w.device()));
+                if linear::applies(&x, &w, &bias) {
+                    linear::linear(x, w, bias)
+                } else {
+                    burn::tensor::module::linear(x, w.transpose(), self.bias.clone())
+                }
+            }
         };
         let mut out = dims;
         out[D - 1] = y.dims()[1];
@@ -352,6 +361,28 @@ mod tests {
         let q = Tensor::<4>::random([2, 7, 3, 40], Distribution::Normal(0.0, 2.0), &device).swap_dims(1, 2);
         let err = max_diff(layer_norm(q.clone(), 1e-6), layer_norm_burn(q, 1e-6));
         assert!(err <= KERNEL_TOL, "strided layer norm: {err}");
+    }
+
+    #[test]
+    fn cpu_linear_is_the_burn_one() {
+        use burn::tensor::Distribution;
+        let device = Device::flex();
+        let x = Tensor::<3>::random([2, 5, 48], Distribution::Uniform(-1.0, 1.0), &device);
+        let w = Tensor::<2>::random([40, 48], Distribution::Uniform(-1.0, 1.0), &device);
+        let b = Tensor::<1>::random([40], Distribution::Uniform(-1.0, 1.0), &device);
+        let laid_out = Weight::store(w.to_data(), WeightStorage::Compute, DType::F32, &device).for_matmul();
+        // The same shape and values, another memory order.
+        assert_eq!(laid_out.get().to_data(), w.to_data());
+        let x2 = x.clone().reshape([10, 48]);
+        assert!(linear::applies(&x2, &laid_out.get(), &b));
+        for bias in [Some(b), None] {
+            let want = burn::tensor::module::linear(x2.clone(), w.clone().transpose(), bias.clone()).reshape([2, 5, 40]);
+            let err = max_diff(Linear { weight: laid_out.clone(), bias: bias.clone() }.forward(x.clone()), want.clone());
+            assert!(err <= KERNEL_TOL, "linear (bias {}): {err}", bias.is_some());
+            let plain = Weight::Dense(w.clone());
+            let err = max_diff(Linear { weight: plain, bias }.forward(x.clone()), want);
+            assert!(err <= KERNEL_TOL, "linear on the checkpoint's layout: {err}");
+        }
     }
 
     /// A linear layer whose weight is kept in blocks of rows (one row a block here) gives what

@@ -62,6 +62,24 @@ pub enum Weight<const D: usize> {
     Rows(Vec<Weight<D>>),
 }
 
+impl Weight<2> {
+    /// A linear layer's `[d_out, d_in]` weight laid out for the matrix product it feeds. On
+    /// burn's CPU backend an f32 weight is kept as the transpose of a contiguous
+    /// `[d_in, d_out]` matrix (one copy, at load): its shape and values are the same, and the
+    /// product `x · weightᵀ` reads it row by row (see `cogview_shaders::linear`). Elsewhere,
+    /// unchanged.
+    pub fn for_matmul(self) -> Self {
+        match self {
+            Weight::Dense(t) if cogview_shaders::on_cpu_f32(&t) => {
+                let device = t.device();
+                let rows_in = Tensor::<2>::from_data(t.transpose().into_data(), (&device, DType::F32));
+                Weight::Dense(rows_in.transpose())
+            }
+            other => other,
+        }
+    }
+}
+
 impl<const D: usize> Weight<D> {
     /// Puts `data` (any float dtype; rounded to bf16 for the bf16 storages, which is exact for
     /// a bf16 checkpoint) on `device`.
