@@ -16,16 +16,17 @@ use rayon::prelude::*;
 
 use crate::on_cpu_f32;
 
-/// Whether [`linear`] runs here: f32 input, weight and bias on burn's CPU backend.
-pub fn applies(x: &Tensor<2>, weight: &Tensor<2>, bias: &Tensor<1>) -> bool {
-    on_cpu_f32(x) && on_cpu_f32(weight) && on_cpu_f32(bias)
+/// Whether [`linear`] runs here: f32 input, weight and bias (if any) on burn's CPU backend.
+pub fn applies(x: &Tensor<2>, weight: &Tensor<2>, bias: Option<&Tensor<1>>) -> bool {
+    on_cpu_f32(x) && on_cpu_f32(weight) && bias.is_none_or(on_cpu_f32)
 }
 
-/// `x · weightᵀ + bias`.
+/// `x · weightᵀ + bias`; no bias starts the output at zero.
 ///
 /// # Shapes
 /// - x: `[rows, d_in]`, weight: `[d_out, d_in]` (any strides), bias: `[d_out]` → `[rows, d_out]`
-pub fn linear(x: Tensor<2>, weight: Tensor<2>, bias: Tensor<1>) -> Tensor<2> {
+pub fn linear(x: Tensor<2>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
+    let bias = bias.unwrap_or_else(|| Tensor::zeros([weight.dims()[0]], &weight.device()));
     Tensor::from_dispatch(Dispatch::linear(x.into_dispatch(), weight.into_dispatch(), bias.into_dispatch()))
 }
 

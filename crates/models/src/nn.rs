@@ -60,10 +60,8 @@ impl Linear {
             }
             weight => {
                 let w = weight.get();
-                let [d_out, _] = w.dims();
-                let bias = self.bias.clone().unwrap_or_else(|| Tensor::zeros([d_out], &w.device()));
-                if linear::applies(&x, &w, &bias) {
-                    linear::linear(x, w, bias)
+                if linear::applies(&x, &w, self.bias.as_ref()) {
+                    linear::linear(x, w, self.bias.clone())
                 } else {
                     burn::tensor::module::linear(x, w.transpose(), self.bias.clone())
                 }
@@ -182,10 +180,7 @@ impl GroupNorm {
     /// # Shapes
     /// - x: `[N, C, H, W]` → `[N, C, H, W]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        if group_norm::applies(&x, &self.weight) {
-            return group_norm::group_norm(x, self.weight.clone(), self.bias.clone(), self.groups, self.eps, false);
-        }
-        self.forward_burn(x)
+        self.normalize(x, false)
     }
 
     /// `silu(self.forward(x))`, fused into the normalisation's pass on burn's CPU backend.
@@ -193,10 +188,16 @@ impl GroupNorm {
     /// # Shapes
     /// - x: `[N, C, H, W]` → `[N, C, H, W]`
     pub fn forward_silu(&self, x: Tensor<4>) -> Tensor<4> {
+        self.normalize(x, true)
+    }
+
+    /// The normalisation, then SiLU if `then_silu`: the CPU kernel where it applies.
+    fn normalize(&self, x: Tensor<4>, then_silu: bool) -> Tensor<4> {
         if group_norm::applies(&x, &self.weight) {
-            return group_norm::group_norm(x, self.weight.clone(), self.bias.clone(), self.groups, self.eps, true);
+            return group_norm::group_norm(x, self.weight.clone(), self.bias.clone(), self.groups, self.eps, then_silu);
         }
-        silu(self.forward_burn(x))
+        let y = self.forward_burn(x);
+        if then_silu { silu(y) } else { y }
     }
 
     /// The normalisation as burn ops (the GPU path, and the CPU kernel's reference).
@@ -374,7 +375,7 @@ mod tests {
         // The same shape and values, another memory order.
         assert_eq!(laid_out.get().to_data(), w.to_data());
         let x2 = x.clone().reshape([10, 48]);
-        assert!(linear::applies(&x2, &laid_out.get(), &b));
+        assert!(linear::applies(&x2, &laid_out.get(), Some(&b)));
         for bias in [Some(b), None] {
             let want = burn::tensor::module::linear(x2.clone(), w.clone().transpose(), bias.clone()).reshape([2, 5, 40]);
             let err = max_diff(Linear { weight: laid_out.clone(), bias: bias.clone() }.forward(x.clone()), want.clone());
