@@ -34,7 +34,8 @@ Usage (from the repository root, with the project's Python environment):
 Flags as in `cogview bench`: --preset tiny|full (tests/fixtures/base/pipeline and
 tests/fixtures/real), --config DIR (a diffusers model folder; only text_encoder/config.json,
 transformer/config.json and vae/config.json are read), --layers N (T5 and DiT shortened to N
-blocks), --width, --height, --steps, --text-len (default 224), --no-cfg, --json. Instead of
+blocks), --width, --height, --steps, --text-len (default 224), --no-cfg, --stages (text, denoise, decode; without text
+the transformer gets random embeddings), --json. Instead of
 `cogview`'s --device/--precision: --device cpu|cuda (default cuda when available) and
 --dtype auto|f32|bf16 (auto: bf16 on a CUDA device that supports it, else f32).
 
@@ -104,8 +105,15 @@ def parse_args(argv=None):
                    help="compute dtype (auto: bf16 on CUDA where supported, else f32)")
     p.add_argument("--device", choices=["cpu", "cuda"],
                    help="default: cuda when available, else cpu")
+    p.add_argument("--stages", default="text,denoise,decode",
+                   help="stages to run, comma-separated: text, denoise, decode (as `cogview bench "
+                        "--stages`; without text the transformer gets random embeddings)")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     args = p.parse_args(argv)
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in args.stages if s not in ("text", "denoise", "decode")]
+    if unknown:
+        p.error(f"--stages: unknown stage(s) {', '.join(unknown)} (text, denoise, decode)")
     if args.steps < 1:
         p.error("--steps must be at least 1")
     if args.layers is not None and args.layers < 1:
@@ -180,9 +188,6 @@ def generator_for(device):
 
 
 def bench(t5_cfg, dit_cfg, vae_cfg, args, device, dtype):
-    from diffusers import AutoencoderKL, CogView3PlusTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
-
     t5_cfg = dict(t5_cfg)
     dit_cfg = dict(dit_cfg)
     if args.layers is not None:
@@ -197,17 +202,66 @@ def bench(t5_cfg, dit_cfg, vae_cfg, args, device, dtype):
         "steps": args.steps,
     }
     notes = {}
+    # A stage left out reports 0 s and no peak, as the Rust bench does.
+    report["t5_seconds"] = 0.0
+    report["first_step_seconds"] = report["median_step_seconds"] = report["guard_seconds_per_step"] = 0.0
+    report["vae_seconds"] = 0.0
+    report["t5_peak"] = report["dit_peak"] = report["vae_peak"] = read_peak(torch.device("cpu"))
+    # The block sizes are reported whichever stages run (they come from the configs).
+    t5_block_bytes = t5_block_param_bytes(t5_cfg, dtype)
+    dit_block_bytes = dit_block_param_bytes(dit_cfg, dtype)
+    if "text" in args.stages:
+        text = run_t5(t5_cfg, args, device, dtype, gen, report, notes)
+    else:
+        # The Rust bench's stand-in: random embeddings of the encoder's width.
+        text = torch.randn((1, args.text_len, t5_cfg["d_model"]), generator=gen, device=device)
+    if "denoise" in args.stages:
+        run_dit(dit_cfg, vae_cfg, text, args, device, dtype, gen, report, notes)
+    del text
+    free(device)
+    if "decode" in args.stages:
+        run_vae(vae_cfg, args, device, dtype, gen, report)
 
-    # T5: resident, one forward.
+    report["dit_block_weight_bytes"] = dit_block_bytes
+    report["t5_block_weight_bytes"] = t5_block_bytes
+    # The Rust field order (serde serializes in declaration order).
+    order = [
+        "t5_layers", "dit_layers", "width", "height", "steps", "t5_seconds", "first_step_seconds",
+        "median_step_seconds", "guard_seconds_per_step", "vae_seconds", "t5_peak", "dit_peak",
+        "vae_peak", "dit_block_weight_bytes", "t5_block_weight_bytes",
+    ]
+    return {k: report[k] for k in order}, notes
+
+
+def t5_block_param_bytes(t5_cfg, dtype):
+    """One block's weights as the Rust T5Block holds them: the relative position bias table of
+    block 0 belongs to the Rust embedding, not to a block. Built on the meta device: no memory."""
+    from transformers import T5Config
+    from transformers.models.t5.modeling_t5 import T5Block
+
+    with torch.device("meta"):
+        block = T5Block(T5Config(**t5_cfg), has_relative_attention_bias=False)
+    return param_bytes(list(block.parameters()), dtype)
+
+
+def dit_block_param_bytes(dit_cfg, dtype):
+    from diffusers import CogView3PlusTransformer2DModel
+
+    cfg = dict(dit_cfg, num_layers=1)
+    with torch.device("meta"):
+        dit = CogView3PlusTransformer2DModel.from_config(cfg)
+    return param_bytes(list(dit.transformer_blocks[0].parameters()), dtype)
+
+
+def run_t5(t5_cfg, args, device, dtype, gen, report, notes):
+    """T5: resident, one forward; returns the embeddings."""
+    from transformers import T5Config, T5EncoderModel
+
     with torch.device(device):
         t5 = T5EncoderModel(T5Config(**t5_cfg))
     t5 = t5.to(dtype).eval()
     random_weights(t5, gen)
     notes["t5_attention"] = getattr(t5.config, "_attn_implementation", None)
-    # One block's weights as the Rust T5Block holds them: the relative position bias table of
-    # block 0 belongs to the Rust embedding, not to a block.
-    t5_block = [p for n, p in t5.encoder.block[0].named_parameters() if "relative_attention_bias" not in n]
-    t5_block_bytes = param_bytes(t5_block, dtype)
     vocab = t5_cfg["vocab_size"]
     ids = torch.tensor([[(i * 7919) % vocab for i in range(args.text_len)]], dtype=torch.long, device=device)
     start_peak(device)
@@ -218,15 +272,24 @@ def bench(t5_cfg, dit_cfg, vae_cfg, args, device, dtype):
         sync(device)
         report["t5_seconds"] = time.perf_counter() - s
     report["t5_peak"] = read_peak(device)
-    del t5, t5_block
+    del t5
     free(device)
+    return text
 
-    # DiT: resident, `steps` calls with the pipeline's batch.
+
+def latent_size(vae_cfg, args):
+    f = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    return args.height // f, args.width // f
+
+
+def run_dit(dit_cfg, vae_cfg, text, args, device, dtype, gen, report, notes):
+    """DiT: resident, `steps` calls with the pipeline's batch."""
+    from diffusers import CogView3PlusTransformer2DModel
     from diffusers.utils import logging as dlogging
+
     dlogging.set_verbosity_error()  # the real config carries an unused pooled_projection_dim
     batch = 1 if args.no_cfg else 2
-    f = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    lh, lw = args.height // f, args.width // f
+    lh, lw = latent_size(vae_cfg, args)
     # diffusers crops a fixed pos_embed_max_size² sin-cos table and fails on larger latents; the
     # Rust DiT computes the window for any size. The table's entries depend only on the row and
     # column (base_size = grid size), so a larger table gives the same values as Rust's window.
@@ -241,7 +304,6 @@ def bench(t5_cfg, dit_cfg, vae_cfg, args, device, dtype):
         dit = CogView3PlusTransformer2DModel.from_config(dit_cfg)
     dit = dit.to(dtype).eval()
     random_weights(dit, gen)
-    dit_block_bytes = param_bytes(list(dit.transformer_blocks[0].parameters()), dtype)
     with torch.inference_mode():
         text_b = text.expand(batch, args.text_len, text.shape[-1]).to(dtype)
         latents = torch.randn(
@@ -278,10 +340,15 @@ def bench(t5_cfg, dit_cfg, vae_cfg, args, device, dtype):
     report["median_step_seconds"] = median(steps[1:]) if len(steps) > 1 else steps[0]
     report["guard_seconds_per_step"] = median(guard)
     report["dit_peak"] = read_peak(device)
-    del dit, latents, text_b, text, size, crop
+    del dit, latents, text_b, size, crop
     free(device)
 
-    # VAE decode of one latent.
+
+def run_vae(vae_cfg, args, device, dtype, gen, report):
+    """VAE decode of one random latent."""
+    from diffusers import AutoencoderKL
+
+    lh, lw = latent_size(vae_cfg, args)
     with torch.device(device):
         vae = AutoencoderKL.from_config(vae_cfg)
     vae.encoder = None  # decode never touches it; only the decoder's memory should count
@@ -302,16 +369,6 @@ def bench(t5_cfg, dit_cfg, vae_cfg, args, device, dtype):
     report["vae_peak"] = read_peak(device)
     del image, vae, z
     free(device)
-
-    report["dit_block_weight_bytes"] = dit_block_bytes
-    report["t5_block_weight_bytes"] = t5_block_bytes
-    # The Rust field order (serde serializes in declaration order).
-    order = [
-        "t5_layers", "dit_layers", "width", "height", "steps", "t5_seconds", "first_step_seconds",
-        "median_step_seconds", "guard_seconds_per_step", "vae_seconds", "t5_peak", "dit_peak",
-        "vae_peak", "dit_block_weight_bytes", "t5_block_weight_bytes",
-    ]
-    return {k: report[k] for k in order}, notes
 
 
 def median(v):

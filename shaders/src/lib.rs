@@ -6,12 +6,13 @@
 //! - burn's CPU backend (burn-flex): host code on its tensors' memory, through the same kind of
 //!   extension, where burn-flex's own ops leave most of the machine idle. Its elementwise ops
 //!   run on one thread and its convolution copies nine times its input: [`conv`],
-//!   [`linear`], [`group_norm`], [`layer_norm`], [`gelu`]. Each says with an `applies` function when it is used; models
+//!   [`linear`], [`attention`], [`group_norm`], [`layer_norm`], [`gelu`]. Each says with an `applies` function when it is used; models
 //!   call burn's op otherwise.
 
 use burn::backend::flex::FlexTensor;
 use burn::tensor::{DType, Tensor, TensorData};
 
+pub mod attention;
 pub mod bf16;
 pub mod conv;
 pub mod gelu;
