@@ -9,7 +9,7 @@
 //! transformer step, twice what PyTorch's whole step takes.
 //!
 //! Here each job takes [`QUERY_ROWS`] query rows of one head: one matrix product gives their
-//! scores against every key (the scale folded in), the softmax runs in place with an `exp`
+//! scores against every key (the scale folded in, then T5's position bias added), the softmax runs in place with an `exp`
 //! the compiler vectorises (AVX-512 or AVX2 where the CPU has it), one more product gives the
 //! output rows, and they are divided by the row sums. Scratch is one `[QUERY_ROWS, T]` score
 //! block per thread (1.1 MB at 4320 tokens), never the `[T, T]` matrix.
@@ -18,7 +18,8 @@
 //! transformer's `swap_dims(1, 2).reshape([N, T, D])` that follows costs no copy.
 //!
 //! The plain-burn reference is `burn::tensor::module::attention(q, k, v, None, None, _)` with the
-//! default scale `1/√hd`, which tests compare against this on the same inputs.
+//! default scale `1/√hd`, or T5's additive position bias and no scale, which tests compare
+//! against this on the same inputs.
 
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::{Backend, Dispatch, Flex, backend_extension, tensor::FloatTensor};
@@ -32,24 +33,36 @@ use crate::on_cpu_f32;
 const QUERY_ROWS: usize = 64;
 
 /// Whether [`attention`] runs here: f32 `[N, H, T, hd]` queries, keys and values on burn's CPU
-/// backend, with one key and value head per query head.
-pub fn applies(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> bool {
-    let ([n, h, _, hd], [nk, hk, tk, hdk], [nv, hv, tv, _]) = (q.dims(), k.dims(), v.dims());
-    on_cpu_f32(q) && on_cpu_f32(k) && on_cpu_f32(v) && (n, h) == (nk, hk) && (n, h, tk) == (nv, hv, tv) && hd == hdk
+/// backend, with one key and value head per query head, and an f32 bias (if any) of one score
+/// per query and key, for every image or shared by all.
+pub fn applies(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: Option<&Tensor<4>>) -> bool {
+    let ([n, h, tq, hd], [nk, hk, tk, hdk], [nv, hv, tv, _]) = (q.dims(), k.dims(), v.dims());
+    let bias_fits = |b: &Tensor<4>| {
+        let [nb, hb, tqb, tkb] = b.dims();
+        on_cpu_f32(b) && (nb == n || nb == 1) && (hb, tqb, tkb) == (h, tq, tk)
+    };
+    on_cpu_f32(q) && on_cpu_f32(k) && on_cpu_f32(v) && (n, h) == (nk, hk) && (n, h, tk) == (nv, hv, tv) && hd == hdk && bias.is_none_or(bias_fits)
 }
 
-/// `softmax(q kᵀ / √hd) v` per image and head, no mask.
+/// `softmax(scale · q kᵀ + bias) v` per image and head, no mask.
 ///
 /// # Shapes
-/// - q: `[N, H, Tq, hd]`, k: `[N, H, Tk, hd]`, v: `[N, H, Tk, hv]` (any strides) → `[N, H, Tq, hv]`
-pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    Tensor::from_dispatch(Dispatch::sdpa(q.into_dispatch(), k.into_dispatch(), v.into_dispatch()))
+/// - q: `[N, H, Tq, hd]`, k: `[N, H, Tk, hd]`, v: `[N, H, Tk, hv]`, bias: `[N or 1, H, Tq, Tk]`
+///   (any strides) → `[N, H, Tq, hv]`
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Option<Tensor<4>>, scale: f64) -> Tensor<4> {
+    let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
+    Tensor::from_dispatch(match bias {
+        None => Dispatch::sdpa(q, k, v, scale),
+        Some(bias) => Dispatch::sdpa_bias(q, k, v, bias.into_dispatch(), scale),
+    })
 }
 
 #[backend_extension(Flex)]
 pub trait AttentionOps: Backend {
     /// Scaled dot-product attention without a mask (f32).
-    fn sdpa(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn sdpa(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
+    /// The same with an additive bias on the scores.
+    fn sdpa_bias(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, bias: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
 }
 
 /// A tensor's memory as gemm reads it: the buffer from its first element, and its strides.
@@ -69,6 +82,11 @@ impl<'a> Strided<'a> {
     fn head(&self, b: usize, h: usize) -> *const f32 {
         self.data[b * self.strides[0] as usize + h * self.strides[1] as usize..].as_ptr()
     }
+
+    /// Element `[b, h, i, j]`.
+    fn at(&self, [b, h, i, j]: [usize; 4]) -> f32 {
+        self.data[b * self.strides[0] as usize + h * self.strides[1] as usize + i * self.strides[2] as usize + j * self.strides[3] as usize]
+    }
 }
 
 /// The output buffer, written by many jobs at disjoint rows.
@@ -85,66 +103,82 @@ impl Out {
 }
 
 impl AttentionOps for Flex {
-    fn sdpa(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>) -> FloatTensor<Self> {
-        // gemm takes any strides; only negative ones (a flipped view) are laid out first.
-        let positive = |x: FlexTensor| if x.layout().has_positive_strides() { x } else { x.to_contiguous() };
-        let (q, k, v) = (positive(q), positive(k), positive(v));
-        let &[n, heads, tq, hd] = q.layout().shape().as_slice() else { panic!("attention: q must be 4-D") };
-        let &[_, _, tk, hv] = v.layout().shape().as_slice() else { panic!("attention: v must be 4-D") };
-        assert_eq!(k.layout().shape().as_slice(), [n, heads, tk, hd], "attention: k against q and v");
-        let shape = Shape::from(vec![n, heads, tq, hv]);
-        // [N, Tq, H, hv] in memory: row (b, h, i) starts at ((b·Tq + i)·H + h)·hv.
-        let strides = vec![(tq * heads * hv) as isize, hv as isize, (heads * hv) as isize, 1];
-        let mut out = vec![0f32; n * tq * heads * hv];
-        if !out.is_empty() && tk > 0 {
-            let (qs, ks, vs) = (Strided::of(&q), Strided::of(&k), Strided::of(&v));
-            let scale = (1.0 / (hd as f64).sqrt()) as f32;
-            let blocks = tq.div_ceil(QUERY_ROWS);
-            let dst = Out(out.as_mut_ptr());
-            let row_stride = (heads * hv) as isize;
-            (0..n * heads * blocks).into_par_iter().for_each_init(
-                || (vec![0f32; QUERY_ROWS * tk], vec![0f32; QUERY_ROWS]),
-                |(scores, sums), job| {
-                    let (b, h, block) = (job / (heads * blocks), job / blocks % heads, job % blocks);
-                    let first = block * QUERY_ROWS;
-                    let rows = QUERY_ROWS.min(tq - first);
-                    let scores = &mut scores[..rows * tk];
-                    // SAFETY: every pointer is an element of its tensor's buffer, and each
-                    // operand's extent along its strides stays inside it (the shapes above);
-                    // the scores are this job's own [rows, Tk] row-major scratch.
-                    unsafe {
-                        let qp = qs.head(b, h).offset(first as isize * qs.strides[2]);
-                        gemm::gemm(
-                            rows, tk, hd,
-                            scores.as_mut_ptr(), 1, tk as isize, false,
-                            qp, qs.strides[3], qs.strides[2],
-                            // kᵀ[j, t] = k[t, j]
-                            ks.head(b, h), ks.strides[2], ks.strides[3],
-                            0.0, scale, false, false, false, gemm::Parallelism::None,
-                        );
-                    }
-                    softmax_rows(scores, tk, &mut sums[..rows]);
-                    // SAFETY: the output rows (b, h, first..first + rows) are this job's alone
-                    // (see `Out`) and inside `out`; the values are [Tk, hv] at v's strides.
-                    unsafe {
-                        let op = dst.at((b * tq + first) * heads * hv + h * hv);
-                        gemm::gemm(
-                            rows, hv, tk,
-                            op, 1, row_stride, false,
-                            scores.as_ptr(), 1, tk as isize,
-                            vs.head(b, h), vs.strides[3], vs.strides[2],
-                            0.0, 1.0, false, false, false, gemm::Parallelism::None,
-                        );
-                        for (i, sum) in sums[..rows].iter().enumerate() {
-                            let inv = 1.0 / sum;
-                            std::slice::from_raw_parts_mut(op.offset(i as isize * row_stride), hv).iter_mut().for_each(|o| *o *= inv);
-                        }
-                    }
-                },
-            );
-        }
-        FlexTensor::new(Bytes::from_elems(out), Layout::new(shape, strides, 0), DType::F32)
+    fn sdpa(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        sdpa_f32(q, k, v, None, scale)
     }
+
+    fn sdpa_bias(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, bias: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        sdpa_f32(q, k, v, Some(bias), scale)
+    }
+}
+
+/// [`attention`] on burn-flex tensors.
+fn sdpa_f32(q: FlexTensor, k: FlexTensor, v: FlexTensor, bias: Option<FlexTensor>, scale: f64) -> FlexTensor {
+    // gemm takes any strides; only negative ones (a flipped view) are laid out first.
+    let positive = |x: FlexTensor| if x.layout().has_positive_strides() { x } else { x.to_contiguous() };
+    let (q, k, v, bias) = (positive(q), positive(k), positive(v), bias.map(positive));
+    let &[n, heads, tq, hd] = q.layout().shape().as_slice() else { panic!("attention: q must be 4-D") };
+    let &[_, _, tk, hv] = v.layout().shape().as_slice() else { panic!("attention: v must be 4-D") };
+    assert_eq!(k.layout().shape().as_slice(), [n, heads, tk, hd], "attention: k against q and v");
+    let shape = Shape::from(vec![n, heads, tq, hv]);
+    // [N, Tq, H, hv] in memory: row (b, h, i) starts at ((b·Tq + i)·H + h)·hv.
+    let strides = vec![(tq * heads * hv) as isize, hv as isize, (heads * hv) as isize, 1];
+    let mut out = vec![0f32; n * tq * heads * hv];
+    if !out.is_empty() && tk > 0 {
+        let (qs, ks, vs) = (Strided::of(&q), Strided::of(&k), Strided::of(&v));
+        let bias = bias.as_ref().map(|b| (Strided::of(b), b.layout().shape()[0] == n));
+        let scale = scale as f32;
+        let blocks = tq.div_ceil(QUERY_ROWS);
+        let dst = Out(out.as_mut_ptr());
+        let row_stride = (heads * hv) as isize;
+        (0..n * heads * blocks).into_par_iter().for_each_init(
+            || (vec![0f32; QUERY_ROWS * tk], vec![0f32; QUERY_ROWS]),
+            |(scores, sums), job| {
+                let (b, h, block) = (job / (heads * blocks), job / blocks % heads, job % blocks);
+                let first = block * QUERY_ROWS;
+                let rows = QUERY_ROWS.min(tq - first);
+                let scores = &mut scores[..rows * tk];
+                // SAFETY: every pointer is an element of its tensor's buffer, and each
+                // operand's extent along its strides stays inside it (the shapes above);
+                // the scores are this job's own [rows, Tk] row-major scratch.
+                unsafe {
+                    let qp = qs.head(b, h).offset(first as isize * qs.strides[2]);
+                    gemm::gemm(
+                        rows, tk, hd,
+                        scores.as_mut_ptr(), 1, tk as isize, false,
+                        qp, qs.strides[3], qs.strides[2],
+                        // kᵀ[j, t] = k[t, j]
+                        ks.head(b, h), ks.strides[2], ks.strides[3],
+                        0.0, scale, false, false, false, gemm::Parallelism::None,
+                    );
+                }
+                if let Some((bias, per_image)) = &bias {
+                    let bb = if *per_image { b } else { 0 };
+                    for (i, row) in scores.chunks_exact_mut(tk).enumerate() {
+                        row.iter_mut().enumerate().for_each(|(j, s)| *s += bias.at([bb, h, first + i, j]));
+                    }
+                }
+                softmax_rows(scores, tk, &mut sums[..rows]);
+                // SAFETY: the output rows (b, h, first..first + rows) are this job's alone
+                // (see `Out`) and inside `out`; the values are [Tk, hv] at v's strides.
+                unsafe {
+                    let op = dst.at((b * tq + first) * heads * hv + h * hv);
+                    gemm::gemm(
+                        rows, hv, tk,
+                        op, 1, row_stride, false,
+                        scores.as_ptr(), 1, tk as isize,
+                        vs.head(b, h), vs.strides[3], vs.strides[2],
+                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    );
+                    for (i, sum) in sums[..rows].iter().enumerate() {
+                        let inv = 1.0 / sum;
+                        std::slice::from_raw_parts_mut(op.offset(i as isize * row_stride), hv).iter_mut().for_each(|o| *o *= inv);
+                    }
+                }
+            },
+        );
+    }
+    FlexTensor::new(Bytes::from_elems(out), Layout::new(shape, strides, 0), DType::F32)
 }
 
 /// Each row of `scores` (`cols` wide) replaced by `e^(s - max)`, its sum written to `sums`.
@@ -253,6 +287,12 @@ mod tests {
         burn_attention(q, k, v, None, None, AttentionModuleOptions { scale: None, softcap: None, is_causal: false })
     }
 
+    /// The transformer's call: no bias, the default scale.
+    fn sdpa(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+        let scale = 1.0 / (q.dims()[3] as f64).sqrt();
+        attention(q, k, v, None, scale)
+    }
+
     fn max_err(a: Tensor<4>, b: Tensor<4>) -> f32 {
         (a - b).abs().max().into_scalar::<f32>()
     }
@@ -266,8 +306,8 @@ mod tests {
             let q = Tensor::<4>::random([n, h, tq, hd], Distribution::Normal(0.0, 2.0), &device);
             let k = Tensor::<4>::random([n, h, tk, hd], Distribution::Normal(0.0, 2.0), &device);
             let v = Tensor::<4>::random([n, h, tk, hv], Distribution::Uniform(-3.0, 3.0), &device);
-            assert!(applies(&q, &k, &v));
-            let got = attention(q.clone(), k.clone(), v.clone());
+            assert!(applies(&q, &k, &v, None));
+            let got = sdpa(q.clone(), k.clone(), v.clone());
             assert_eq!(got.dims(), [n, h, tq, hv]);
             let err = max_err(got, burn_sdpa(q, k, v));
             assert!(err <= TOLERANCE, "{n}×{h} heads, {tq} queries, {tk} keys, hd {hd}, hv {hv}: max error {err}");
@@ -281,7 +321,7 @@ mod tests {
         let device = burn::tensor::Device::flex();
         let view = |t: usize| Tensor::<4>::random([2, t, 3, 40], Distribution::Normal(0.0, 1.0), &device).swap_dims(1, 2);
         let (q, k, v) = (view(70), view(90), view(90));
-        let got = attention(q.clone(), k.clone(), v.clone());
+        let got = sdpa(q.clone(), k.clone(), v.clone());
         let want = burn_sdpa(q, k, v);
         let tokens = |x: Tensor<4>| x.swap_dims(1, 2).reshape([2, 70, 120]);
         let err = (tokens(got) - tokens(want)).abs().max().into_scalar::<f32>();
@@ -298,7 +338,7 @@ mod tests {
         let q = Tensor::<4>::from_data(burn::tensor::TensorData::new(q, [1, 2, 3, 8]), &device);
         let k = Tensor::<4>::random([1, 2, 4, 8], Distribution::Normal(0.0, 1.0), &device);
         let v = Tensor::<4>::random([1, 2, 4, 8], Distribution::Normal(0.0, 1.0), &device);
-        let got = attention(q, k, v).into_data().try_to_vec::<f32>().unwrap();
+        let got = sdpa(q, k, v).into_data().try_to_vec::<f32>().unwrap();
         let nan_rows: Vec<bool> = got.chunks(8).map(|row| row.iter().all(|x| x.is_nan())).collect();
         assert_eq!(nan_rows, [false, true, false, false, false, false], "{got:?}");
     }
@@ -307,11 +347,32 @@ mod tests {
     fn leaves_other_inputs_to_burn() {
         let device = burn::tensor::Device::flex();
         let x = Tensor::<4>::zeros([1, 2, 3, 8], &device);
-        assert!(applies(&x, &x, &x));
-        assert!(!applies(&x.clone().cast(DType::BF16), &x, &x), "bf16");
+        assert!(applies(&x, &x, &x, None));
+        assert!(!applies(&x.clone().cast(DType::BF16), &x, &x, None), "bf16");
         let one_kv_head = Tensor::<4>::zeros([1, 1, 3, 8], &device);
-        assert!(!applies(&x, &one_kv_head, &one_kv_head), "grouped key/value heads");
-        assert!(!applies(&Tensor::<4>::zeros([1, 2, 0, 8], &device), &x, &x), "no queries");
+        assert!(!applies(&x, &one_kv_head, &one_kv_head, None), "grouped key/value heads");
+        assert!(!applies(&Tensor::<4>::zeros([1, 2, 0, 8], &device), &x, &x, None), "no queries");
+        let bias = Tensor::<4>::zeros([1, 2, 3, 3], &device);
+        assert!(applies(&x, &x, &x, Some(&bias)));
+        assert!(!applies(&x, &x, &x, Some(&Tensor::<4>::zeros([1, 1, 3, 3], &device))), "a bias shared by the heads");
+    }
+
+    /// T5's attention: scores plus a position bias shared by the batch (a permuted view, as T5
+    /// builds it), no scale.
+    #[test]
+    fn adds_a_shared_bias_and_takes_any_scale() {
+        let device = burn::tensor::Device::flex();
+        let (n, h, t, d) = (2, 3, 70, 16);
+        let q = Tensor::<4>::random([n, h, t, d], Distribution::Normal(0.0, 1.0), &device);
+        let k = Tensor::<4>::random([n, h, t, d], Distribution::Normal(0.0, 1.0), &device);
+        let v = Tensor::<4>::random([n, h, t, d], Distribution::Uniform(-3.0, 3.0), &device);
+        let bias = Tensor::<3>::random([t, t, h], Distribution::Normal(0.0, 2.0), &device).permute([2, 0, 1]).unsqueeze::<4>();
+        assert!(applies(&q, &k, &v, Some(&bias)));
+        let got = attention(q.clone(), k.clone(), v.clone(), Some(bias.clone()), 1.0);
+        let scores = q.matmul(k.swap_dims(2, 3)) + bias;
+        let want = burn::tensor::activation::softmax(scores, 3).matmul(v);
+        let err = max_err(got, want);
+        assert!(err <= TOLERANCE, "max error {err}");
     }
 
     /// Within 2 ulp of the library's `exp` across the softmax range, and NaN stays NaN.

@@ -291,12 +291,12 @@ impl AttentionLimits {
     /// # Shapes
     /// - q, k, v: `[N, H, T, hd]` → `[N, H, T, hd]`
     pub fn attention(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-        if cogview_shaders::attention::applies(&q, &k, &v) {
+        let [n, h, t, hd] = q.dims();
+        if cogview_shaders::attention::applies(&q, &k, &v, None) {
             // burn's CPU backend: a kernel that holds one block of query rows' scores per
             // thread, never a [T, T] matrix, so no head groups.
-            return cogview_shaders::attention::attention(q, k, v);
+            return cogview_shaders::attention::attention(q, k, v, None, 1.0 / (hd as f64).sqrt());
         }
-        let [n, h, t, _] = q.dims();
         if n > 1 && (n * t * t * 4) as u64 > self.max_scores_bytes {
             // One head of the whole batch is already too much: one image at a time.
             let parts = (0..n)

@@ -220,11 +220,17 @@ impl T5Block {
         let n = rms_norm(h.clone(), &self.attn_norm, self.eps);
         let split = |x: Tensor<3>| x.reshape([b, l, self.heads, self.d_kv]).swap_dims(1, 2); // [B, H, L, dk]
         let (q, k, v) = (split(self.q.forward(n.clone())), split(self.k.forward(n.clone())), split(self.v.forward(n)));
-        let dtype = v.dtype();
-        // Scores and softmax in f32 (torch's SDPA accumulates in f32); no 1/sqrt(d_kv).
-        let scores = q.cast(FloatDType::F32).matmul(k.cast(FloatDType::F32).swap_dims(2, 3)) + position_bias.clone();
-        let p = softmax(scores, 3).cast(dtype);
-        let a = p.matmul(v).swap_dims(1, 2).reshape([b, l, self.heads * self.d_kv]);
+        // T5 does not scale its scores by 1/sqrt(d_kv).
+        let a = if cogview_shaders::attention::applies(&q, &k, &v, Some(position_bias)) {
+            // burn's CPU backend in f32: scores, bias, softmax and values in one kernel.
+            cogview_shaders::attention::attention(q, k, v, Some(position_bias.clone()), 1.0)
+        } else {
+            let dtype = v.dtype();
+            // Scores and softmax in f32 (torch's SDPA accumulates in f32).
+            let scores = q.cast(FloatDType::F32).matmul(k.cast(FloatDType::F32).swap_dims(2, 3)) + position_bias.clone();
+            softmax(scores, 3).cast(dtype).matmul(v)
+        };
+        let a = a.swap_dims(1, 2).reshape([b, l, self.heads * self.d_kv]);
         let a = self.o.forward(a);
         probe.check(|| format!("{name}.layer.0.SelfAttention.o"), &a);
         let h = clamp_f16(add_promoted(h, a));
