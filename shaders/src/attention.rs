@@ -5,13 +5,13 @@
 //! makes two thin matrix products (`k = head_dim`, `n = 64`) that pack the whole query block
 //! again, rescales every output row, and calls `exp` once per score on one core's scalar unit.
 //! At the transformer's 1024² shape (64 heads of 40, 4320 tokens, two images with guidance)
-//! that is 2.4·10⁹ scalar `exp` calls per block, and attention took more than half of a
-//! transformer step, twice what PyTorch's whole step takes.
+//! that is 2.4·10⁹ scalar `exp` calls per block: attention took more than half of a
+//! transformer step, which was twice as long as PyTorch's.
 //!
 //! Here each job takes [`QUERY_ROWS`] query rows of one head: one matrix product gives their
-//! scores against every key (the scale folded in, then T5's position bias added), the softmax runs in place with an `exp`
-//! the compiler vectorises (AVX-512 or AVX2 where the CPU has it), one more product gives the
-//! output rows, and they are divided by the row sums. Scratch is one `[QUERY_ROWS, T]` score
+//! scores against every key (the scale folded in; T5's position bias is added after it), the
+//! softmax runs in place with an `exp` the compiler vectorises (AVX-512 or AVX2 where the CPU
+//! has it), one more product gives the output rows, and they are divided by the row sums. Scratch is one `[QUERY_ROWS, T]` score
 //! block per thread (1.1 MB at 4320 tokens), never the `[T, T]` matrix.
 //!
 //! The output is laid out as `[N, T, H, hd]` in memory behind its `[N, H, T, hd]` shape, so the
