@@ -251,7 +251,7 @@ fn softmax_rows_any(scores: &mut [f32], cols: usize, sums: &mut [f32]) {
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_HI: f32 = 355.0 / 512.0; // ln 2 to 9 bits, so that n·LN2_HI is exact
     const LN2_LO: f32 = -2.121_944_4e-4;
     const SHIFTER: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer in the low bits
     let x = if x < -87.336_54 { -87.336_54 } else { x };
@@ -264,7 +264,7 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5; // Cephes' 5.0000001201e-1 rounds to 0.5 in f32
     let e_r = p * (r * r) + r + 1.0;
     // 2ⁿ from n's bits: the shifter's low bits hold n + its own integer part.
     let n_int = shifted.to_bits() as i32 - SHIFTER.to_bits() as i32;
