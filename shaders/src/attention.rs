@@ -78,14 +78,14 @@ impl<'a> Strided<'a> {
         Self { data: &x.storage::<f32>()[layout.start_offset()..], strides }
     }
 
-    /// The first element of image `b`, head `h`.
-    fn head(&self, b: usize, h: usize) -> *const f32 {
-        self.data[b * self.strides[0] as usize + h * self.strides[1] as usize..].as_ptr()
+    /// The offset of element `index` (no stride is negative; a broadcast one is 0).
+    fn offset(&self, index: [usize; 4]) -> usize {
+        index.iter().zip(self.strides).map(|(&i, s)| i * s as usize).sum()
     }
 
-    /// Element `[b, h, i, j]`.
-    fn at(&self, [b, h, i, j]: [usize; 4]) -> f32 {
-        self.data[b * self.strides[0] as usize + h * self.strides[1] as usize + i * self.strides[2] as usize + j * self.strides[3] as usize]
+    /// The first element of image `b`, head `h`.
+    fn head(&self, b: usize, h: usize) -> *const f32 {
+        self.data[self.offset([b, h, 0, 0])..].as_ptr()
     }
 }
 
@@ -154,8 +154,10 @@ fn sdpa_f32(q: FlexTensor, k: FlexTensor, v: FlexTensor, bias: Option<FlexTensor
                 }
                 if let Some((bias, per_image)) = &bias {
                     let bb = if *per_image { b } else { 0 };
+                    let step = bias.strides[3] as usize;
                     for (i, row) in scores.chunks_exact_mut(tk).enumerate() {
-                        row.iter_mut().enumerate().for_each(|(j, s)| *s += bias.at([bb, h, first + i, j]));
+                        let start = bias.offset([bb, h, first + i, 0]);
+                        row.iter_mut().enumerate().for_each(|(j, s)| *s += bias.data[start + j * step]);
                     }
                 }
                 softmax_rows(scores, tk, &mut sums[..rows]);

@@ -15,7 +15,7 @@ use burn::backend::{Backend, Dispatch, Flex, backend_extension, tensor::FloatTen
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use crate::{on_cpu_f32, owned_f32};
+use crate::{mean_var, on_cpu_f32, owned_f32};
 
 /// Whether [`group_norm`] runs here: an f32 input and f32 affine parameters on burn's CPU
 /// backend.
@@ -60,12 +60,9 @@ impl GroupNormOps for Flex {
         let &[_, c, h, w] = x.layout().shape().as_slice() else { panic!("group_norm: x must be 4-D") };
         let (weight, bias) = (weight.storage::<f32>(), bias.storage::<f32>());
         let per_group = c / groups;
-        let len = (per_group * h * w) as f64;
         let values = x.storage_mut::<f32>();
         values.par_chunks_mut(per_group * h * w).enumerate().for_each(|(i, group)| {
-            // Two passes for the variance (no cancellation of E[x²] - E[x]²), summed in f64.
-            let mean = group.iter().map(|&v| v as f64).sum::<f64>() / len;
-            let var = group.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len;
+            let (mean, var) = mean_var(group);
             let inv_std = 1.0 / (var + eps).sqrt();
             let first = (i % groups) * per_group;
             for (k, plane) in group.chunks_mut(h * w).enumerate() {

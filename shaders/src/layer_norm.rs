@@ -14,7 +14,7 @@ use burn::backend::{Backend, Dispatch, Flex, backend_extension, tensor::FloatTen
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use crate::{on_cpu_f32, owned_f32};
+use crate::{mean_var, on_cpu_f32, owned_f32};
 
 /// Whether [`layer_norm`] and [`layer_norm_modulate`] run here: f32 on burn's CPU backend.
 pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
@@ -73,9 +73,7 @@ impl LayerNormOps for Flex {
 
 /// One row normalised in place, then `then(index, value)` applied to each value.
 fn normalize(row: &mut [f32], eps: f64, then: impl Fn(usize, f32) -> f32) {
-    let len = row.len() as f64;
-    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / len;
-    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len;
+    let (mean, var) = mean_var(row);
     let (mean, inv_std) = (mean as f32, (1.0 / (var + eps).sqrt()) as f32);
     row.iter_mut().enumerate().for_each(|(k, v)| *v = then(k, (*v - mean) * inv_std));
 }
