@@ -4,7 +4,7 @@ use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
 use cogview_runtime::models::dit::{AttentionLimits, DitBlock, DitConfig};
 use cogview_runtime::models::scheduler::{DdimScheduler, SchedulerConfig, alphas_cumprod, timesteps};
 use cogview_runtime::models::{NoProbe, WeightSource};
-use cogview_tests::stages::{DIT_BF16_TOL, DIT_F32_TOL, forward_cases};
+use cogview_tests::stages::{DIT_BF16_TOL, DIT_F32_TOL, bf16_products_cases, forward_cases};
 use cogview_tests::{Refs, assert_close, fixture, values};
 
 /// One scheduler step in f32 from f64 coefficients, as diffusers computes it (f64 scalars times
@@ -18,6 +18,19 @@ const STEP_TOL: f32 = 1e-6;
 fn transformer_matches_diffusers_f32() {
     forward_cases("base", &["square", "rect"], &Device::flex(), DType::F32, DIT_F32_TOL);
     forward_cases("wide", &["square", "rect"], &Device::flex(), DType::F32, DIT_F32_TOL);
+}
+
+/// bf16 matrix products (the Vulkan tensor-core path, emulated on burn-flex) against diffusers
+/// in bf16, and no farther from diffusers in f32 than diffusers-bf16 is.
+#[test]
+fn transformer_with_bf16_products_against_diffusers_bf16() {
+    for (products, full_bf16) in bf16_products_cases("base", &Device::flex()) {
+        assert!(products <= full_bf16, "bf16 products {products:.2e} from f32, diffusers-bf16 {full_bf16:.2e}");
+        // The inputs were rounded: the result is not the f32 one (an f32 product lands ~1e-6
+        // from f32, rounded inputs about half as far as diffusers-bf16).
+        assert!(products >= full_bf16 / 20.0, "bf16 products {products:.2e} from f32: were the inputs rounded?");
+        eprintln!("bf16 products {products:.2e} of the scale from f32; diffusers-bf16 {full_bf16:.2e}");
+    }
 }
 
 #[test]

@@ -17,9 +17,13 @@ fn lavapipe_is_listed_with_its_capabilities() {
     assert_eq!(caps.compiler, Compiler::Wgsl);
     assert!(caps.f32.arithmetic && caps.f32.storage);
     assert!(!caps.bf16.arithmetic, "WGSL has no bf16: {caps:?}");
+    // No cooperative matrices on lavapipe: the linear layers' products stay f32 too, and the
+    // reason says so.
+    assert!(!caps.bf16_products, "{caps:?}");
     let auto = precision::decide_on_device(Precision::Auto, &adapter, &caps, &dev).unwrap();
-    assert_eq!(auto.dtype, ComputeDtype::F32);
-    assert!(auto.reason.contains("lacks bf16 arithmetic"), "{}", auto.reason);
+    assert_eq!((auto.dtype, auto.matmul), (ComputeDtype::F32, ComputeDtype::F32));
+    assert!(auto.reason.contains("lacks bf16 arithmetic and bf16 matrix products"), "{}", auto.reason);
+    assert!(auto.self_test.is_none() && auto.summary() == "f32");
     let err = precision::decide_on_device(Precision::Bf16, &adapter, &caps, &dev).unwrap_err();
     assert!(matches!(err, PrecisionError::Unsupported { .. }));
     assert!(err.to_string().contains(&adapter.name));

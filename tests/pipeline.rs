@@ -8,9 +8,11 @@ use cogview_runtime::models::vae::Decoder;
 use cogview_runtime::models::{NoProbe, WeightStorage};
 use cogview_runtime::plan::{Residency, WeightsChoice};
 use cogview_runtime::text::{TextEncoder, prompt_embeddings};
-use cogview_runtime::{Options, Quiet};
-use cogview_tests::stages::{VAE_F32_TOL, assert_identical, bf16_copy, decode_case, f32_pipeline, folder, manifest, model, run_case, run_stored};
-use cogview_tests::{Refs, assert_close, fixture, values};
+use cogview_runtime::metadata::Settings;
+use cogview_runtime::precision::{ComputeDtype, Precision, PrecisionDecision};
+use cogview_runtime::{Options, Pipeline, Quiet};
+use cogview_tests::stages::{DIT_BF16_TOL, VAE_F32_TOL, assert_identical, bf16_copy, decode_case, f32_pipeline, folder, manifest, model, run_case, run_stored};
+use cogview_tests::{Refs, assert_close, fixture, target_on, values};
 
 /// Prompt embeddings through `encode_prompt`: as the T5 tolerance.
 const EMBED_TOL: f32 = 1e-4;
@@ -154,6 +156,34 @@ fn storage_modes_and_streaming_are_bit_identical() {
     let req = cogview_tests::stages::request("base", case);
     let p = f32_pipeline(folder("base"), &dev, Options::default()).plan(&[req]).unwrap();
     assert_eq!(p.storage, WeightStorage::Compute, "{}", p.storage_reason);
+}
+
+/// A whole run with bf16 matrix products (emulated on burn-flex): the plan keeps the matrices
+/// for that kernel, the steps stay within the bf16 transformer's tolerance of diffusers-f32
+/// (each of the 4 steps moves the latents by a fraction of the DiT output's error), the image
+/// is finite, and its metadata says how it was computed.
+#[test]
+fn a_run_with_bf16_products() {
+    let dev = Device::flex();
+    let case = "s4_g7_64x96";
+    let decision = PrecisionDecision {
+        matmul: ComputeDtype::Bf16,
+        reason: "bf16 products, emulated".into(),
+        ..PrecisionDecision::fixed(Precision::Bf16, ComputeDtype::F32)
+    };
+    let mut pipeline = Pipeline::load(folder("base"), target_on(&dev, decision), Options::default()).unwrap();
+    let req = cogview_tests::stages::request("base", case);
+    let out = pipeline.generate(&req, &mut Quiet).unwrap();
+    assert_eq!(out.plan.storage, WeightStorage::Bf16Products, "{}", out.plan.storage_reason);
+    assert!(out.fallbacks.is_empty(), "{:?}", out.fallbacks);
+    let refs = Refs::open("base", "pipeline");
+    let t = out.tensors.as_ref().unwrap();
+    assert_close("base bf16 products step latents", &t.step_latents.0, &refs.f32(&format!("{case}.step_latents")), DIT_BF16_TOL);
+    assert!(t.image.0.iter().all(|v| v.is_finite()));
+    let settings = Settings::new(&req, &out, "base", pipeline.target());
+    assert_eq!(settings.precision_summary(), "f32, bf16 matrix products");
+    // A1111 quotes a value with a comma in it.
+    assert!(settings.parameters().contains("Precision: \"f32, bf16 matrix products\""), "{}", settings.parameters());
 }
 
 /// A batch runs each stage once for all its images: 3 prompts × 2 seeds encode 3 prompts, and

@@ -4,7 +4,7 @@
 use burn::tensor::{DType, Device};
 use cogview_runtime::import::{Component, Loader, ModelFolder};
 use cogview_runtime::memory::PeakMemory;
-use cogview_runtime::models::NoProbe;
+use cogview_runtime::models::{NoProbe, WeightStorage};
 use cogview_runtime::models::dit::{AttentionLimits, Dit, SizeCondition};
 use cogview_runtime::models::vae::Decoder;
 use cogview_runtime::pipeline::Model;
@@ -51,10 +51,59 @@ pub const DIT_F32_TOL: f32 = 1e-4;
 pub const DIT_BF16_TOL: f32 = 5e-2;
 
 pub fn load_dit(variant: &str, device: &Device, dtype: DType) -> (ModelFolder, Dit) {
+    load_dit_stored(variant, device, dtype, WeightStorage::Compute)
+}
+
+pub fn load_dit_stored(variant: &str, device: &Device, dtype: DType, storage: WeightStorage) -> (ModelFolder, Dit) {
     let folder = ModelFolder::open(pipeline(variant).to_str().unwrap()).unwrap();
     let (ck, _) = folder.open_weights(Component::Transformer).unwrap();
-    let dit = Loader::new(&ck, Component::Transformer, device, move |_| dtype).load(|w| Dit::load(w, &folder.configs.transformer)).unwrap().0;
+    let dit = Loader::new(&ck, Component::Transformer, device, move |_| dtype)
+        .with_storage(storage)
+        .load(|w| Dit::load(w, &folder.configs.transformer))
+        .unwrap()
+        .0;
     (folder, dit)
+}
+
+/// The DiT with bf16 matrix products (f32 everywhere else) against diffusers run entirely in
+/// bf16 (`tools/bf16_refs.py`).
+///
+/// Both approximate the f32 result. diffusers-bf16 rounds every activation, norm output and
+/// residual to 8 significant bits as well as the products' inputs; on these fixtures it lands
+/// 8.4e-3 of the output scale from f32 (recorded in the reference file). bf16 products round
+/// only the products' inputs (2^-9 relative each, about 4 products deep per block), so they
+/// must land no farther from f32 than diffusers-bf16 does, and the two may differ by at most
+/// the sum of both distances: 2 × 8.4e-3, rounded up to 2e-2 (measured: 8.4e-3 and 8.0e-3,
+/// with the products 4.3e-3 and 4.4e-3 from f32). A path that forgot to round would pass this
+/// (f32 is 8.4e-3 from diffusers-bf16 too) but not the test's lower bound on the distance
+/// from f32.
+pub const DIT_BF16_PRODUCTS_TOL: f32 = 2e-2;
+
+/// Per case: (distance of bf16 products from f32, distance of diffusers-bf16 from f32), each
+/// relative to the f32 output's scale, after asserting the products within
+/// [`DIT_BF16_PRODUCTS_TOL`] of diffusers-bf16.
+pub fn bf16_products_cases(variant: &str, device: &Device) -> Vec<(f32, f32)> {
+    let (_, dit) = load_dit_stored(variant, device, DType::F32, WeightStorage::Bf16Products);
+    let refs = Refs::open(variant, "transformer");
+    let bf16_refs = Refs::open(variant, "transformer_bf16");
+    ["square", "rect"]
+        .iter()
+        .map(|case| {
+            let t: Vec<f32> = refs.i64(&format!("{case}.timestep")).into_iter().map(|t| t as f32).collect();
+            let x = refs.tensor::<4>(&format!("{case}.hidden_states"), device);
+            let text = refs.tensor::<3>(&format!("{case}.encoder_hidden_states"), device);
+            let out = values(dit.forward(x, text, &t, &sizes(&refs, case), &AttentionLimits::default(), &mut NoProbe));
+            let (f32_ref, bf16_ref) = (refs.f32(&format!("{case}.output")), bf16_refs.f32(&format!("{case}.output")));
+            assert_close(&format!("{variant} {case} bf16 products vs diffusers bf16"), &out, &bf16_ref, DIT_BF16_PRODUCTS_TOL);
+            (relative_distance(&out, &f32_ref), relative_distance(&bf16_ref, &f32_ref))
+        })
+        .collect()
+}
+
+/// The largest difference of `a` from `reference`, relative to the reference's largest value.
+pub fn relative_distance(a: &[f32], reference: &[f32]) -> f32 {
+    let scale = reference.iter().fold(0f32, |m, x| m.max(x.abs()));
+    a.iter().zip(reference).fold(0f32, |m, (a, r)| m.max((a - r).abs())) / scale
 }
 
 pub fn sizes(refs: &Refs, case: &str) -> Vec<SizeCondition> {

@@ -93,12 +93,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "device": target.adapter.label(),
         "compiler": target.capabilities.compiler,
         "precision": target.precision.dtype,
+        "matmul": target.precision.matmul,
         "report": report,
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        print!("{}", table(&report, &target.adapter.label(), &target.precision.dtype.to_string()));
+        print!("{}", table(&report, &target.adapter.label(), &target.precision.summary()));
     }
     Ok(())
 }

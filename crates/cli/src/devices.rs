@@ -46,7 +46,7 @@ fn bytes(b: Option<u64>) -> String {
 }
 
 fn table(s: &Survey) -> String {
-    let header = ["", "#", "adapter", "vendor", "type", "api", "compiler", "f32", "f16", "bf16", "max buffer", "max binding", "driver"];
+    let header = ["", "#", "adapter", "vendor", "type", "api", "compiler", "f32", "f16", "bf16", "bf16 products", "max buffer", "max binding", "driver"];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     for r in &s.rows {
         let caps = r.capabilities.as_ref();
@@ -62,6 +62,7 @@ fn table(s: &Survey) -> String {
             dt(&|c| c.f32.to_string()),
             dt(&|c| c.f16.to_string()),
             dt(&|c| c.bf16.to_string()),
+            dt(&|c| if c.bf16_products { "yes".into() } else { "no".into() }),
             bytes(r.adapter.max_buffer_size),
             bytes(r.adapter.max_storage_binding_size),
             r.adapter.driver.clone(),
@@ -79,7 +80,7 @@ fn table(s: &Survey) -> String {
     for r in &s.rows {
         let id = r.adapter.index.map_or("cpu".into(), |i| i.to_string());
         let verdict = match (&r.precision, &r.error) {
-            (Some(p), _) => format!("{} — {}", p.dtype, p.reason),
+            (Some(p), _) => format!("{} — {}", p.summary(), p.reason),
             (None, Some(e)) => format!("unusable — {e}"),
             (None, None) => "?".into(),
         };
@@ -87,8 +88,8 @@ fn table(s: &Survey) -> String {
         if let Some(p) = &r.precision {
             if let Some(t) = &p.self_test {
                 out.push_str(&format!(
-                    "       self-test in {}: error {:.2e}, tolerance {:.0e}: {}\n",
-                    t.dtype,
+                    "       self-test of {}: error {:.2e}, tolerance {:.0e}: {}\n",
+                    t.what,
                     t.error,
                     t.tolerance,
                     if t.passed { "passed" } else { "FAILED" }
@@ -103,7 +104,7 @@ fn table(s: &Survey) -> String {
         (Some(r), _) => {
             out.push_str(&format!("\ncogview would use {}", r.adapter.label()));
             if let Some(p) = &r.precision {
-                out.push_str(&format!(" in {}", p.dtype));
+                out.push_str(&format!(" in {}", p.summary()));
             }
             out.push('\n');
             if let Some(w) = &s.selection_warning {

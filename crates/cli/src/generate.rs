@@ -403,7 +403,7 @@ fn describe_plan(args: &GenerateArgs, folder: &ModelFolder, target: &Target, pla
     let mut s = String::new();
     s += &format!("model       {} ({})\n", args.model.model, folder.root.display());
     s += &format!("adapter     {} ({} compiler)\n", target.adapter.label(), target.capabilities.compiler);
-    s += &format!("precision   {}: {}\n", target.precision.dtype, target.precision.reason);
+    s += &format!("precision   {}: {}\n", target.precision.summary(), target.precision.reason);
     for w in &target.precision.warnings {
         s += &format!("            warning: {w}\n");
     }

@@ -42,7 +42,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
         ("size", format!("{}x{}", s.width, s.height)),
         ("max seq. length", s.max_sequence_length.to_string()),
         ("model", s.model.clone()),
-        ("precision", format!("{} (asked: {}): {}", s.precision, s.precision_requested, s.precision_reason)),
+        ("precision", format!("{} (asked: {}): {}", s.precision_summary(), s.precision_requested, s.precision_reason)),
         ("adapter", s.adapter.clone()),
         ("software", s.software.clone()),
     ];

@@ -65,7 +65,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let target = cogview_runtime::target(args.device.device, args.device.backend, args.device.precision)?;
     println!("\non this machine");
     println!("  device        {} ({})", target.adapter.label(), target.capabilities.compiler);
-    println!("  precision     {} — {}", target.precision.dtype, target.precision.reason);
+    println!("  precision     {} — {}", target.precision.summary(), target.precision.reason);
     println!("  weights       stored on the device in {}", target.precision.dtype);
     for w in &target.warnings {
         println!("  warning       {w}");

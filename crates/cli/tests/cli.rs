@@ -73,7 +73,7 @@ fn bf16_is_refused_with_one_line() {
 fn f16_on_lavapipe_is_accepted_after_the_self_test_or_refused() {
     let o = cogview(&["devices", "--backend", "vulkan", "--precision", "f16"]);
     if o.status.success() {
-        assert!(stdout(&o).contains("self-test in f16"), "{}", stdout(&o));
+        assert!(stdout(&o).contains("self-test of f16 arithmetic"), "{}", stdout(&o));
     } else {
         assert_clean_error(&o, "f16");
     }

@@ -9,7 +9,7 @@ use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{FloatDType, Tensor};
 
-use cogview_shaders::{conv, gelu, group_norm, layer_norm, linear};
+use cogview_shaders::{bf16_product, conv, gelu, group_norm, layer_norm, linear};
 use crate::storage::Weight;
 use crate::weights::WeightSource;
 
@@ -49,27 +49,37 @@ impl Linear {
                 let parts = blocks
                     .iter()
                     .map(|b| {
-                        let w = b.get();
-                        let n = w.dims()[0];
+                        let n = b.dims()[0];
                         let bias = self.bias.clone().map(|bias| bias.narrow(0, start, n));
                         start += n;
-                        burn::tensor::module::linear(x.clone(), w.transpose(), bias)
+                        product(x.clone(), b, bias)
                     })
                     .collect();
                 Tensor::cat(parts, 1)
             }
-            weight => {
-                let w = weight.get();
-                if linear::applies(&x, &w, self.bias.as_ref()) {
-                    linear::linear(x, w, self.bias.clone())
-                } else {
-                    burn::tensor::module::linear(x, w.transpose(), self.bias.clone())
-                }
-            }
+            weight => product(x, weight, self.bias.clone()),
         };
         let mut out = dims;
         out[D - 1] = y.dims()[1];
         y.reshape(out)
+    }
+}
+
+/// `x · weightᵀ + bias` for one (unblocked) weight: bf16 matrices meant for bf16 products go to
+/// that kernel as they are; the others are widened to the compute dtype (if stored narrower) for
+/// the CPU backend's linear kernel or burn's `linear`.
+///
+/// # Shapes
+/// - x: `[rows, d_in]`, weight: `[d_out, d_in]`, bias: `[d_out]` → `[rows, d_out]`
+fn product(x: Tensor<2>, weight: &Weight<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
+    if let Weight::Bf16Products { stored, .. } = weight {
+        return bf16_product::bf16_linear(x, stored.clone(), bias);
+    }
+    let w = weight.get();
+    if linear::applies(&x, &w, bias.as_ref()) {
+        linear::linear(x, w, bias)
+    } else {
+        cogview_shaders::burn_linear(x, w.transpose(), bias)
     }
 }
 
@@ -399,6 +409,32 @@ mod tests {
         close(Linear { weight: blocked, bias: bias.clone() }.forward(x.clone()), &want);
         let dense = Weight::store(data, WeightStorage::Compute, DType::F32, &Device::flex());
         close(Linear { weight: dense, bias }.forward(x), &want);
+    }
+
+    /// A matrix kept for bf16 products goes to that kernel, whole or in blocks of rows (the
+    /// same numbers: each output feature is one row's product), with its bias; a conv kernel
+    /// kept that way is a bf16 tensor cast at use.
+    #[test]
+    fn bf16_products_linear_is_the_kernels_reference() {
+        use burn::tensor::Distribution;
+        let device = Device::flex();
+        let x = Tensor::<3>::random([2, 5, 48], Distribution::Uniform(-1.0, 1.0), &device);
+        let w = Tensor::<2>::random([40, 48], Distribution::Uniform(-1.0, 1.0), &device);
+        let b = Tensor::<1>::random([40], Distribution::Uniform(-1.0, 1.0), &device);
+        let want = bf16_product::bf16_linear_reference(x.clone().reshape([10, 48]), w.clone(), Some(b.clone())).reshape([2, 5, 40]);
+        let whole = Weight::store(w.to_data(), WeightStorage::Bf16Products, DType::F32, &device);
+        assert!(matches!(&whole, Weight::Bf16Products { stored, .. } if stored.dtype() == DType::BF16), "{whole:?}");
+        // 16 rows of 48 bf16 values a block (1536 bytes): three blocks.
+        let blocked = Weight::store_limited(w.to_data(), WeightStorage::Bf16Products, DType::F32, &device, Some(1536));
+        assert!(matches!(&blocked, Weight::Rows(blocks) if blocks.len() == 3), "{blocked:?}");
+        for weight in [whole, blocked] {
+            let err = max_diff(Linear { weight, bias: Some(b.clone()) }.forward(x.clone()), want.clone());
+            assert!(err <= KERNEL_TOL, "bf16-product linear: {err}");
+        }
+        let f32_linear = Linear { weight: Weight::Dense(w), bias: Some(b) }.forward(x);
+        assert!(max_diff(f32_linear, want) > 1e-3, "the bf16 products must differ from the f32 product");
+        let kernel = Weight::<4>::store(TensorData::new(vec![1.5f32; 16], [1, 1, 4, 4]), WeightStorage::Bf16Products, DType::F32, &device);
+        assert!(matches!(kernel, Weight::Bf16 { .. }), "{kernel:?}");
     }
 
     /// bf16 storage keeps 8 significant bits (rounding to nearest, ties to even) and widens back

@@ -19,6 +19,10 @@ pub enum WeightStorage {
     Bf16,
     /// As bf16 pairs packed in `u32` words, unpacked by a kernel at use (adapters that can't).
     PackedBf16,
+    /// As a bf16 tensor that linear layers feed to bf16 × bf16 → f32 matrix products as it is
+    /// (`cogview_shaders::bf16_product`: adapters whose matrix hardware multiplies bf16 but that
+    /// have no general bf16 arithmetic); conv kernels are cast to the compute dtype at use.
+    Bf16Products,
 }
 
 impl std::fmt::Display for WeightStorage {
@@ -27,6 +31,7 @@ impl std::fmt::Display for WeightStorage {
             WeightStorage::Compute => "the compute dtype",
             WeightStorage::Bf16 => "bf16",
             WeightStorage::PackedBf16 => "bf16 packed in u32",
+            WeightStorage::Bf16Products => "bf16, multiplied as bf16",
         })
     }
 }
@@ -36,7 +41,7 @@ impl WeightStorage {
     pub fn bytes_per_value(self, compute: DType) -> usize {
         match self {
             WeightStorage::Compute => compute.size(),
-            WeightStorage::Bf16 | WeightStorage::PackedBf16 => 2,
+            WeightStorage::Bf16 | WeightStorage::PackedBf16 | WeightStorage::Bf16Products => 2,
         }
     }
 }
@@ -57,6 +62,8 @@ pub enum Weight<const D: usize> {
     Dense(Tensor<D>),
     Bf16 { stored: Tensor<D>, compute: DType },
     Packed { words: Tensor<1, Int>, shape: [usize; D], compute: DType },
+    /// A linear layer's bf16 matrix, multiplied as it is ([`WeightStorage::Bf16Products`]).
+    Bf16Products { stored: Tensor<D>, compute: DType },
     /// Blocks of rows (along dim 0), for a weight whose compute-dtype copy would pass the
     /// device's largest buffer (T5-XXL's 168 MB feed-forward matrices on a 128 MiB adapter).
     Rows(Vec<Weight<D>>),
@@ -91,6 +98,10 @@ impl<const D: usize> Weight<D> {
             WeightStorage::Bf16 => {
                 Weight::Bf16 { stored: Tensor::from_data(data.convert_dtype(DType::BF16), (device, DType::BF16)), compute }
             }
+            WeightStorage::Bf16Products => {
+                let stored = Tensor::from_data(data.convert_dtype(DType::BF16), (device, DType::BF16));
+                if D == 2 { Weight::Bf16Products { stored, compute } } else { Weight::Bf16 { stored, compute } }
+            }
             WeightStorage::PackedBf16 => {
                 let data = data.convert_dtype(DType::BF16);
                 let values = data.as_slice::<half::bf16>().expect("converted to bf16");
@@ -105,10 +116,12 @@ impl<const D: usize> Weight<D> {
     pub fn store_limited(data: TensorData, storage: WeightStorage, compute: DType, device: &Device, max_bytes: Option<u64>) -> Self {
         let shape = data.shape().to_vec();
         let row: usize = shape[1..].iter().product();
-        let bytes = (shape[0] * row * compute.size()) as u64;
+        // A bf16 matrix multiplied as it is never has a compute-dtype copy.
+        let value_bytes = if storage == WeightStorage::Bf16Products && shape.len() == 2 { 2 } else { compute.size() };
+        let bytes = (shape[0] * row * value_bytes) as u64;
         match max_bytes {
             Some(max) if bytes > max && shape[0] > 1 => {
-                let rows = ((max / (row * compute.size()) as u64) as usize).max(1);
+                let rows = ((max / (row * value_bytes) as u64) as usize).max(1);
                 let elem = data.dtype().size();
                 let raw = data.as_bytes();
                 let blocks = (0..shape[0])
@@ -132,7 +145,7 @@ impl<const D: usize> Weight<D> {
         match self {
             Weight::Rows(blocks) => Tensor::cat(blocks.iter().map(Weight::get).collect(), 0),
             Weight::Dense(t) => t.clone(),
-            Weight::Bf16 { stored, compute } => stored.clone().cast(*compute),
+            Weight::Bf16 { stored, compute } | Weight::Bf16Products { stored, compute } => stored.clone().cast(*compute),
             Weight::Packed { words, shape, compute } => {
                 let n = shape.iter().product();
                 cogview_shaders::bf16::unpack_bf16(words.clone(), n).reshape(*shape).cast(*compute)
@@ -144,7 +157,7 @@ impl<const D: usize> Weight<D> {
     pub fn dims(&self) -> [usize; D] {
         match self {
             Weight::Dense(t) => t.dims(),
-            Weight::Bf16 { stored, .. } => stored.dims(),
+            Weight::Bf16 { stored, .. } | Weight::Bf16Products { stored, .. } => stored.dims(),
             Weight::Packed { shape, .. } => *shape,
             Weight::Rows(blocks) => {
                 let mut dims = blocks[0].dims();
@@ -158,7 +171,7 @@ impl<const D: usize> Weight<D> {
     pub fn dtype(&self) -> DType {
         match self {
             Weight::Dense(t) => t.dtype(),
-            Weight::Bf16 { compute, .. } | Weight::Packed { compute, .. } => *compute,
+            Weight::Bf16 { compute, .. } | Weight::Packed { compute, .. } | Weight::Bf16Products { compute, .. } => *compute,
             Weight::Rows(blocks) => blocks[0].dtype(),
         }
     }

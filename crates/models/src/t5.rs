@@ -227,8 +227,8 @@ impl T5Block {
         } else {
             let dtype = v.dtype();
             // Scores and softmax in f32 (torch's SDPA accumulates in f32).
-            let scores = q.cast(FloatDType::F32).matmul(k.cast(FloatDType::F32).swap_dims(2, 3)) + position_bias.clone();
-            softmax(scores, 3).cast(dtype).matmul(v)
+            let scores = cogview_shaders::matmul(q.cast(FloatDType::F32), k.cast(FloatDType::F32).swap_dims(2, 3)) + position_bias.clone();
+            cogview_shaders::matmul(softmax(scores, 3).cast(dtype), v)
         };
         let a = a.swap_dims(1, 2).reshape([b, l, self.heads * self.d_kv]);
         let a = self.o.forward(a);

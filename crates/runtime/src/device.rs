@@ -225,6 +225,9 @@ pub struct Capabilities {
     pub f32: DtypeSupport,
     pub f16: DtypeSupport,
     pub bf16: DtypeSupport,
+    /// bf16 × bf16 → f32 matrix products on the matrix hardware (a cooperative-matrix or MMA
+    /// configuration the driver lists), with or without general bf16 arithmetic.
+    pub bf16_products: bool,
 }
 
 /// One adapter as `cogview devices` lists it.
@@ -522,6 +525,7 @@ pub fn capabilities(device: &Device) -> Capabilities {
         f32: usage(DType::F32),
         f16: usage(DType::F16),
         bf16: usage(DType::BF16),
+        bf16_products: cogview_shaders::bf16_product::available(device),
     }
 }
 

@@ -45,6 +45,10 @@ pub struct Settings {
     /// What was asked for, and the dtype the image was computed in, with the reason.
     pub precision_requested: Precision,
     pub precision: ComputeDtype,
+    /// The dtype the linear layers' matrix products read, where it is not `precision` (bf16
+    /// products with f32 sums in an f32 run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matrix_products: Option<ComputeDtype>,
     pub precision_reason: String,
     /// `NAME (API, TYPE) (compiler)`.
     pub adapter: String,
@@ -91,12 +95,21 @@ impl Settings {
             model: model.to_string(),
             precision_requested: target.precision.requested,
             precision: target.precision.dtype,
+            matrix_products: (target.precision.matmul != target.precision.dtype).then_some(target.precision.matmul),
             precision_reason: target.precision.reason.clone(),
             adapter: format!("{} ({})", target.adapter.label(), target.capabilities.compiler),
             fallbacks: output.fallbacks.clone(),
             latents: None,
             init_image: request.init_image.as_ref().map(|i| InitImageInfo { name: i.name.clone(), sha256: i.sha256.clone(), strength: request.strength }),
             software: software(),
+        }
+    }
+
+    /// `f32`, or `f32, bf16 matrix products`.
+    pub fn precision_summary(&self) -> String {
+        match self.matrix_products {
+            Some(m) => format!("{}, {m} matrix products", self.precision),
+            None => self.precision.to_string(),
         }
     }
 
@@ -114,7 +127,7 @@ impl Settings {
             ("Size", format!("{}x{}", self.width, self.height)),
             ("Model", self.model.clone()),
             ("Version", self.software.clone()),
-            ("Precision", self.precision.to_string()),
+            ("Precision", self.precision_summary()),
             ("Adapter", self.adapter.clone()),
         ];
         if self.max_sequence_length != crate::request::MAX_SEQUENCE_LENGTH {

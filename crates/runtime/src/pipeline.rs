@@ -324,6 +324,7 @@ pub fn plan_for(configs: &Configs, checkpoint_bf16: bool, target: &Target, optio
         cfg: requests.iter().any(Request::cfg),
         text_len: largest.max_sequence_length,
         compute: target.precision.dtype.dtype(),
+        bf16_products: target.precision.bf16_products(),
         weights: options.weights,
         checkpoint_bf16,
         caps: &target.capabilities,

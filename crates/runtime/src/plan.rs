@@ -106,6 +106,9 @@ pub struct PlanInput<'a> {
     pub cfg: bool,
     pub text_len: usize,
     pub compute: DType,
+    /// The linear layers multiply bf16 on the matrix hardware (an f32 run on an adapter with
+    /// bf16 matrix products but no bf16 arithmetic): their matrices stay bf16.
+    pub bf16_products: bool,
     pub weights: WeightsChoice,
     /// Whether the DiT and VAE checkpoints hold bf16 (random weights: like the real model).
     pub checkpoint_bf16: bool,
@@ -283,6 +286,13 @@ pub fn choose_storage(input: &PlanInput) -> (WeightStorage, String) {
     let narrower = input.compute.size() > 2;
     let bf16 = || if native { WeightStorage::Bf16 } else { WeightStorage::PackedBf16 };
     let how = if native { "as bf16 tensors" } else { "packed two per u32 (the adapter cannot store bf16)" };
+    if input.bf16_products {
+        let ignored = if input.weights == WeightsChoice::F32 { " (--weights f32 does not apply: the products read bf16)" } else { "" };
+        return (
+            WeightStorage::Bf16Products,
+            format!("the linear layers multiply bf16: their matrices stay bf16 tensors, never widened; conv kernels widened to f32 at use{ignored}"),
+        );
+    }
     match input.weights {
         WeightsChoice::F32 => (WeightStorage::Compute, "--weights f32: stored in the compute dtype".into()),
         _ if !narrower => (WeightStorage::Compute, "the compute dtype is already 16-bit".into()),
@@ -454,7 +464,7 @@ fn plan_denoise(input: &PlanInput, storage: WeightStorage) -> (StagePlan<Residen
     let dit = &input.configs.transformer;
     let budget = input.budget.bytes;
     // Widening at use keeps one layer's compute-dtype copy alive: the feed-forward's.
-    let widened = if storage == WeightStorage::Compute { 0 } else { (dit.inner_dim() * 4 * dit.inner_dim() * input.compute.size()) as u64 };
+    let widened = if matches!(storage, WeightStorage::Compute | WeightStorage::Bf16Products) { 0 } else { (dit.inner_dim() * 4 * dit.inner_dim() * input.compute.size()) as u64 };
     let n = if input.cfg { 2 } else { 1 };
     let p = dit.patch_size;
     let f = input.configs.vae.scale_factor();
@@ -571,13 +581,18 @@ mod tests {
     use crate::device::{Compiler, DtypeSupport};
 
     fn real(budget: u64, keep_loaded: bool, img2img: bool, caps: &Capabilities, configs: &Configs) -> Plan {
-        make(&PlanInput {
+        make(&input(budget, keep_loaded, img2img, caps, configs))
+    }
+
+    fn input<'a>(budget: u64, keep_loaded: bool, img2img: bool, caps: &'a Capabilities, configs: &'a Configs) -> PlanInput<'a> {
+        PlanInput {
             configs,
             width: 1024,
             height: 1024,
             cfg: true,
             text_len: 224,
             compute: DType::F32,
+            bf16_products: false,
             weights: WeightsChoice::Auto,
             checkpoint_bf16: true,
             caps,
@@ -585,7 +600,7 @@ mod tests {
             max_binding: None,
             keep_loaded,
             img2img,
-        })
+        }
     }
 
     /// Between runs everything stays loaded when the budget holds it all; when it does not, the
@@ -593,7 +608,7 @@ mod tests {
     #[test]
     fn components_stay_loaded_while_the_budget_allows() {
         let all = DtypeSupport { storage: true, arithmetic: true, accelerated: false };
-        let caps = Capabilities { compiler: Compiler::Native, f32: all, f16: all, bf16: all };
+        let caps = Capabilities { compiler: Compiler::Native, f32: all, f16: all, bf16: all, bf16_products: false };
         let configs = Configs::cogview3_plus_3b();
         let roomy = real(1 << 40, true, true, &caps, &configs);
         assert_eq!(roomy.keep, Keep { text: true, transformer: true, vae: true, image_encoder: true });
@@ -616,7 +631,7 @@ mod tests {
     #[test]
     fn the_cpu_widens_at_load_when_the_f32_transformer_fits() {
         let all = DtypeSupport { storage: true, arithmetic: true, accelerated: false };
-        let cpu = Capabilities { compiler: Compiler::Native, f32: all, f16: all, bf16: all };
+        let cpu = Capabilities { compiler: Compiler::Native, f32: all, f16: all, bf16: all, bf16_products: false };
         let configs = Configs::cogview3_plus_3b();
         let roomy = real(1 << 40, false, false, &cpu, &configs);
         assert_eq!((roomy.storage, roomy.denoise.mode), (WeightStorage::Compute, Residency::Resident), "{}", roomy.storage_reason);
@@ -625,6 +640,26 @@ mod tests {
         assert_eq!((tight.storage, tight.denoise.mode), (WeightStorage::Bf16, Residency::Resident), "{}", tight.storage_reason);
         let gpu = Capabilities { compiler: Compiler::Spirv, ..cpu };
         assert_eq!(real(1 << 40, false, false, &gpu, &configs).storage, WeightStorage::Bf16);
+    }
+
+    /// With bf16 matrix products the matrices stay bf16 whatever `--weights` says (the products
+    /// read bf16), and the transformer's stage budgets no widened f32 matrix: less than with
+    /// bf16 storage widened layer by layer.
+    #[test]
+    fn bf16_products_keep_matrices_bf16() {
+        let (store, none) = (DtypeSupport { storage: true, arithmetic: false, accelerated: true }, DtypeSupport::default());
+        let all = DtypeSupport { storage: true, arithmetic: true, accelerated: false };
+        let caps = Capabilities { compiler: Compiler::Spirv, f32: all, f16: none, bf16: store, bf16_products: true };
+        let configs = Configs::cogview3_plus_3b();
+        let widened = make(&input(1 << 40, false, false, &caps, &configs));
+        assert_eq!(widened.storage, WeightStorage::Bf16);
+        for weights in [WeightsChoice::Auto, WeightsChoice::Bf16, WeightsChoice::F32] {
+            let plan = make(&PlanInput { bf16_products: true, weights, ..input(1 << 40, false, false, &caps, &configs) });
+            assert_eq!(plan.storage, WeightStorage::Bf16Products, "{weights:?}");
+            assert!(plan.storage_reason.contains("multiply bf16"), "{}", plan.storage_reason);
+            assert_eq!(plan.storage_reason.contains("does not apply"), weights == WeightsChoice::F32);
+            assert!(plan.denoise.peak_bytes < widened.denoise.peak_bytes, "{} vs {}", plan.denoise.peak_bytes, widened.denoise.peak_bytes);
+        }
     }
 
     #[test]

@@ -2,8 +2,12 @@
 //!
 //! CogView3-Plus-3B was trained in bf16; in f16 it overflows to NaN and the image comes out
 //! black (the model card; diffusers issue #10343). So:
-//! - `auto` is bf16 where the device really computes bf16, f32 everywhere else;
-//! - `bf16` on a device without bf16 arithmetic is an error naming the device and what it lacks;
+//! - `auto` is bf16 where the device really computes bf16; on a GPU whose matrix hardware
+//!   multiplies bf16 with f32 accumulation but that has no general bf16 arithmetic (Vulkan's
+//!   cooperative matrices), the matrix products of the linear layers take bf16 inputs and
+//!   everything else (norms, softmax, modulation, gates, the residual stream) stays f32; f32
+//!   everywhere else;
+//! - `bf16` on a device with neither is an error naming the device and what it lacks;
 //! - `f16` runs only when asked for, with a warning (the non-finite guard stands behind it);
 //! - a reduced precision is trusted only after a self-test ([`crate::selftest`]) on the device:
 //!   drivers that claim a dtype and compute garbage exist.
@@ -87,7 +91,11 @@ impl std::str::FromStr for Precision {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PrecisionDecision {
     pub requested: Precision,
+    /// The dtype activations, norms and everything but the linear layers' products compute in.
     pub dtype: ComputeDtype,
+    /// The dtype the linear layers' matrix products read: `dtype`, or bf16 (summed in f32) when
+    /// `dtype` is f32 on an adapter whose matrix hardware multiplies bf16.
+    pub matmul: ComputeDtype,
     pub reason: String,
     pub warnings: Vec<String>,
     /// The reduced-precision self-test, when one ran.
@@ -97,7 +105,18 @@ pub struct PrecisionDecision {
 impl PrecisionDecision {
     /// A decision made without a device (tests, tools): `requested` computing in `dtype`.
     pub fn fixed(requested: Precision, dtype: ComputeDtype) -> Self {
-        Self { requested, dtype, reason: format!("{dtype} was given"), warnings: vec![], self_test: None }
+        Self { requested, dtype, matmul: dtype, reason: format!("{dtype} was given"), warnings: vec![], self_test: None }
+    }
+
+    /// f32 with the linear layers' matrix products in bf16 (f32 sums).
+    pub fn bf16_products(&self) -> bool {
+        self.dtype == ComputeDtype::F32 && self.matmul == ComputeDtype::Bf16
+    }
+
+    /// `f32`, `bf16`, or `f32, bf16 matrix products`: what `cogview devices` and PNG metadata
+    /// show.
+    pub fn summary(&self) -> String {
+        if self.bf16_products() { format!("{}, bf16 matrix products", self.dtype) } else { self.dtype.to_string() }
     }
 }
 
@@ -116,13 +135,32 @@ pub fn decide(
 ) -> Result<PrecisionDecision, PrecisionError> {
     let cpu_backend = adapter_type == AdapterType::CpuBackend;
     let ok = |dtype, reason: String, warnings: Vec<String>| {
-        Ok(PrecisionDecision { requested, dtype, reason, warnings, self_test: None })
+        Ok(PrecisionDecision { requested, dtype, matmul: dtype, reason, warnings, self_test: None })
+    };
+    // The matrix hardware needs its inputs stored as bf16; the CPU backend never has it.
+    let products = caps.bf16_products && caps.bf16.storage && !cpu_backend;
+    let bf16_products = |reason: String| {
+        Ok(PrecisionDecision {
+            requested,
+            dtype: ComputeDtype::F32,
+            matmul: ComputeDtype::Bf16,
+            reason,
+            warnings: vec![],
+            self_test: None,
+        })
+    };
+    let products_reason = || {
+        format!(
+            "{adapter} multiplies bf16 matrices with f32 sums but has no general bf16 arithmetic: \
+             the linear layers' products in bf16, everything else in f32"
+        )
     };
     let lacks_bf16 = || {
+        let products = if caps.bf16_products { "" } else { " and bf16 matrix products" };
         if caps.bf16.storage {
-            "bf16 arithmetic (it can only store bf16)".to_string()
+            format!("bf16 arithmetic{products} (it can only store bf16)")
         } else {
-            "bf16 arithmetic and storage".to_string()
+            format!("bf16 arithmetic{products} and bf16 storage")
         }
     };
     match requested {
@@ -137,10 +175,12 @@ pub fn decide(
             format!("{adapter} computes bf16, the dtype the model was trained in"),
             vec![],
         ),
+        Precision::Auto if products => bf16_products(products_reason()),
         Precision::Auto => ok(ComputeDtype::F32, format!("{adapter} lacks {}", lacks_bf16()), vec![]),
         Precision::Bf16 if caps.bf16.arithmetic && !cpu_backend => {
             ok(ComputeDtype::Bf16, "bf16 was asked for".into(), vec![])
         }
+        Precision::Bf16 if products => bf16_products(format!("bf16 was asked for; {}", products_reason())),
         // burn-flex rounds each op's f32 result to bf16: not what "bf16 where the adapter
         // really supports it" promises, and slower than f32.
         Precision::Bf16 if cpu_backend => Err(PrecisionError::Unsupported {
@@ -173,10 +213,13 @@ pub fn decide_on_device(
     device: &Device,
 ) -> Result<PrecisionDecision, PrecisionError> {
     let decision = decide(requested, &adapter.label(), adapter.adapter_type, caps)?;
-    if decision.dtype == ComputeDtype::F32 {
+    let report = if decision.bf16_products() {
+        selftest::run_bf16_products(device)
+    } else if decision.dtype == ComputeDtype::F32 {
         return Ok(decision);
-    }
-    let report = selftest::run(device, decision.dtype);
+    } else {
+        selftest::run(device, decision.dtype)
+    };
     apply_self_test(decision, report, &adapter.label())
 }
 
@@ -194,11 +237,12 @@ fn apply_self_test(
     if decision.requested == Precision::Auto {
         let failed = format!(
             "{adapter} claims {} but failed the self-test (error {:.3e} > {:.1e})",
-            decision.dtype, report.error, report.tolerance
+            report.what, report.error, report.tolerance
         );
         decision.warnings.push(format!("{failed}: falling back to f32"));
         decision.reason = failed;
         decision.dtype = ComputeDtype::F32;
+        decision.matmul = ComputeDtype::F32;
         return Ok(decision);
     }
     Err(PrecisionError::SelfTestFailed {
@@ -241,59 +285,87 @@ mod tests {
         let mut cases = 0;
         for f16 in all_supports() {
             for bf16 in all_supports() {
-                for t in TYPES {
-                    let caps = Capabilities { compiler: Compiler::Wgsl, f32: full, f16, bf16 };
-                    for req in Precision::ALL {
-                        cases += 1;
-                        let got = decide(req, "Card", t, &caps);
-                        let cpu = t == AdapterType::CpuBackend;
-                        match req {
-                            Precision::F32 => assert_eq!(got.unwrap().dtype, ComputeDtype::F32),
-                            Precision::Auto => {
-                                let d = got.unwrap();
-                                let want = if bf16.arithmetic && !cpu { ComputeDtype::Bf16 } else { ComputeDtype::F32 };
-                                assert_eq!(d.dtype, want, "{t:?} {bf16:?}");
-                                assert!(!d.reason.is_empty());
-                                // auto never picks f16, and never warns about it
-                                assert!(d.warnings.iter().all(|w| !w.contains("f16")));
-                            }
-                            Precision::Bf16 => match got {
-                                Ok(d) => {
-                                    assert!(bf16.arithmetic && !cpu);
-                                    assert_eq!(d.dtype, ComputeDtype::Bf16);
-                                    assert!(d.warnings.is_empty());
-                                }
-                                Err(e) => {
-                                    assert!(!bf16.arithmetic || cpu);
-                                    let msg = e.to_string();
-                                    assert!(msg.contains("Card") && msg.contains("bf16 arithmetic"), "{msg}");
-                                    assert!(!msg.contains('\n'));
-                                    if !cpu {
-                                        assert_eq!(msg.contains("only store"), bf16.storage);
-                                    }
-                                }
-                            },
-                            Precision::F16 => match got {
-                                Ok(d) => {
-                                    assert!(f16.arithmetic);
-                                    assert_eq!(d.dtype, ComputeDtype::F16);
-                                    assert_eq!(d.warnings, vec![F16_WARNING.to_string()]);
-                                }
-                                Err(e) => {
-                                    assert!(!f16.arithmetic);
-                                    assert!(e.to_string().contains("f16 arithmetic"));
-                                }
-                            },
+                for bf16_products in [false, true] {
+                    for t in TYPES {
+                        let caps = Capabilities { compiler: Compiler::Wgsl, f32: full, f16, bf16, bf16_products };
+                        for req in Precision::ALL {
+                            cases += 1;
+                            check(req, t, &caps, decide(req, "Card", t, &caps));
                         }
                     }
                 }
             }
         }
-        assert_eq!(cases, 8 * 8 * 6 * 4);
+        assert_eq!(cases, 8 * 8 * 2 * 6 * 4);
+    }
+
+    /// What the policy must give for one request on one adapter.
+    fn check(req: Precision, t: AdapterType, caps: &Capabilities, got: Result<PrecisionDecision, PrecisionError>) {
+        let (bf16, f16) = (caps.bf16, caps.f16);
+        let cpu = t == AdapterType::CpuBackend;
+        // bf16 products need the matrix hardware and bf16 buffers for its inputs, on a GPU.
+        let products = caps.bf16_products && bf16.storage && !cpu;
+        let native_bf16 = bf16.arithmetic && !cpu;
+        match req {
+            Precision::F32 => {
+                let d = got.unwrap();
+                assert_eq!((d.dtype, d.matmul), (ComputeDtype::F32, ComputeDtype::F32));
+            }
+            Precision::Auto => {
+                let d = got.unwrap();
+                let want = match (native_bf16, products) {
+                    (true, _) => (ComputeDtype::Bf16, ComputeDtype::Bf16),
+                    (false, true) => (ComputeDtype::F32, ComputeDtype::Bf16),
+                    (false, false) => (ComputeDtype::F32, ComputeDtype::F32),
+                };
+                assert_eq!((d.dtype, d.matmul), want, "{t:?} {caps:?}");
+                assert!(!d.reason.is_empty());
+                assert_eq!(d.reason.contains("matrices"), want == (ComputeDtype::F32, ComputeDtype::Bf16), "{}", d.reason);
+                // auto never picks f16, and never warns about it
+                assert!(d.warnings.iter().all(|w| !w.contains("f16")));
+            }
+            Precision::Bf16 => match got {
+                Ok(d) => {
+                    assert!(native_bf16 || products, "{t:?} {caps:?}");
+                    let matmul_only = !native_bf16;
+                    assert_eq!(d.dtype, if matmul_only { ComputeDtype::F32 } else { ComputeDtype::Bf16 });
+                    assert_eq!(d.matmul, ComputeDtype::Bf16);
+                    assert_eq!(d.bf16_products(), matmul_only);
+                    assert!(d.warnings.is_empty());
+                }
+                Err(e) => {
+                    assert!(!native_bf16 && !products, "{t:?} {caps:?}");
+                    let msg = e.to_string();
+                    assert!(msg.contains("Card") && msg.contains("bf16 arithmetic"), "{msg}");
+                    assert!(!msg.contains('\n'));
+                    if !cpu {
+                        assert_eq!(msg.contains("only store"), bf16.storage, "{msg}");
+                        assert_eq!(msg.contains("bf16 matrix products"), !caps.bf16_products, "{msg}");
+                    }
+                }
+            },
+            Precision::F16 => match got {
+                Ok(d) => {
+                    assert!(f16.arithmetic);
+                    assert_eq!((d.dtype, d.matmul), (ComputeDtype::F16, ComputeDtype::F16));
+                    assert_eq!(d.warnings, vec![F16_WARNING.to_string()]);
+                }
+                Err(e) => {
+                    assert!(!f16.arithmetic);
+                    assert!(e.to_string().contains("f16 arithmetic"));
+                }
+            },
+        }
     }
 
     fn report(passed: bool) -> SelfTestReport {
-        SelfTestReport { dtype: ComputeDtype::Bf16, error: if passed { 1e-3 } else { 0.9 }, tolerance: 4e-2, passed }
+        SelfTestReport {
+            dtype: ComputeDtype::Bf16,
+            what: "bf16 arithmetic".into(),
+            error: if passed { 1e-3 } else { 0.9 },
+            tolerance: 4e-2,
+            passed,
+        }
     }
 
     #[test]
@@ -303,6 +375,7 @@ mod tests {
             f32: DtypeSupport { storage: true, arithmetic: true, accelerated: false },
             f16: DtypeSupport { storage: true, arithmetic: true, accelerated: false },
             bf16: DtypeSupport { storage: true, arithmetic: true, accelerated: true },
+            bf16_products: true,
         };
         let auto = decide(Precision::Auto, "Card", AdapterType::IntegratedGpu, &caps).unwrap();
         let passed = apply_self_test(auto.clone(), report(true), "Card").unwrap();
@@ -315,6 +388,20 @@ mod tests {
         let explicit = decide(Precision::Bf16, "Card", AdapterType::IntegratedGpu, &caps).unwrap();
         let err = apply_self_test(explicit, report(false), "Card").unwrap_err();
         assert!(matches!(err, PrecisionError::SelfTestFailed { requested: "bf16", .. }));
+        // Vulkan's shape: bf16 stored and multiplied on the matrix hardware, no bf16 arithmetic.
+        let vulkan = Capabilities {
+            compiler: Compiler::Spirv,
+            bf16: DtypeSupport { storage: true, arithmetic: false, accelerated: true },
+            ..caps
+        };
+        let auto = decide(Precision::Auto, "Card", AdapterType::DiscreteGpu, &vulkan).unwrap();
+        assert!(auto.bf16_products(), "{auto:?}");
+        assert_eq!(auto.summary(), "f32, bf16 matrix products");
+        let products_failed = SelfTestReport { what: "bf16 matrix products with f32 sums".into(), ..report(false) };
+        let failed = apply_self_test(auto, products_failed, "Card").unwrap();
+        assert_eq!((failed.dtype, failed.matmul), (ComputeDtype::F32, ComputeDtype::F32));
+        assert!(failed.reason.contains("bf16 matrix products"), "{}", failed.reason);
+        assert_eq!(failed.summary(), "f32");
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! The dtype self-test: before a reduced precision is trusted on a device, a small fixed matmul
-//! and softmax run in that dtype there and are compared with an f64 CPU reference.
+//! and softmax run in that dtype there and are compared with an f64 CPU reference. For bf16
+//! matrix products in an f32 model ([`run_bf16_products`]), the product kernel the linear layers
+//! use runs instead.
 //!
 //! Inputs are rounded to the dtype on the host first, so the reference and the device start
 //! from the same numbers and the error measures the device's arithmetic alone.
 
 use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use serde::Serialize;
 
 use crate::dtype::ComputeDtype;
@@ -21,10 +23,17 @@ const N: usize = 16;
 const BF16_TOLERANCE: f64 = 4e-2;
 /// f16 keeps 11 significant bits (unit roundoff 4.9e-4); the same 7 roundings give 3.4e-3.
 const F16_TOLERANCE: f64 = 1e-2;
+/// bf16 × bf16 products are exact in f32 (8 + 8 significant bits), so with f32 sums over K = 64
+/// terms the error is at most 64 × 2^-24 ≈ 3.8e-6 of the largest output. A kernel that sums or
+/// rounds its output in bf16 errs by up to 2^-9 ≈ 2e-3 of the largest output; 5e-4 separates the
+/// two with room for matrix hardware that aligns its sums with fewer guard bits than f32.
+const PRODUCTS_TOLERANCE: f64 = 5e-4;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SelfTestReport {
     pub dtype: ComputeDtype,
+    /// What ran: `bf16 arithmetic`, or `bf16 matrix products with f32 sums`.
+    pub what: String,
     /// Largest error of the matmul (relative to its largest output) and of the softmax
     /// (absolute; probabilities), whichever is larger. NaN or inf make it infinite.
     pub error: f64,
@@ -65,20 +74,27 @@ fn reference(a: &[f32], b: &[f32]) -> (Vec<f64>, Vec<f64>) {
     (c, s)
 }
 
+/// Largest error of `dev` against `reference` in units of `scale`; a NaN, an inf or a wrong
+/// length make it infinite.
+fn max_error(dev: &[f64], reference: &[f64], scale: f64) -> f64 {
+    if dev.len() != reference.len() {
+        return f64::INFINITY;
+    }
+    dev.iter().zip(reference).fold(0f64, |m, (d, r)| {
+        let e = (d - r).abs() / scale;
+        if e.is_finite() { m.max(e) } else { f64::INFINITY }
+    })
+}
+
+/// The largest magnitude in `values`.
+fn largest(values: &[f64]) -> f64 {
+    values.iter().fold(0f64, |m, x| m.max(x.abs()))
+}
+
 /// Largest error of the matmul (relative to its largest output) and of the softmax (absolute);
 /// a NaN, an inf or a wrong length make it infinite.
 fn error_of(c_dev: &[f64], s_dev: &[f64], c_ref: &[f64], s_ref: &[f64]) -> f64 {
-    let err = |dev: &[f64], reference: &[f64], scale: f64| -> f64 {
-        if dev.len() != reference.len() {
-            return f64::INFINITY;
-        }
-        dev.iter().zip(reference).fold(0f64, |m, (d, r)| {
-            let e = (d - r).abs() / scale;
-            if e.is_finite() { m.max(e) } else { f64::INFINITY }
-        })
-    };
-    let c_max = c_ref.iter().fold(0f64, |m, x| m.max(x.abs()));
-    err(c_dev, c_ref, c_max).max(err(s_dev, s_ref, 1.0))
+    max_error(c_dev, c_ref, largest(c_ref)).max(max_error(s_dev, s_ref, 1.0))
 }
 
 /// Runs the self-test for `dtype` on `device`.
@@ -89,7 +105,7 @@ pub fn run(device: &Device, dtype: ComputeDtype) -> SelfTestReport {
     let dt = dtype.dtype();
     let ta = Tensor::<2>::from_data(TensorData::new(a, [M, K]).convert_dtype(dt), (device, dt));
     let tb = Tensor::<2>::from_data(TensorData::new(b, [K, N]).convert_dtype(dt), (device, dt));
-    let c = ta.matmul(tb).mul_scalar(1.0 / (K as f64).sqrt());
+    let c = cogview_shaders::matmul(ta, tb).mul_scalar(1.0 / (K as f64).sqrt());
     let s = softmax(c.clone(), 1);
     let read = |t: Tensor<2>| -> Vec<f64> {
         t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default().into_iter().map(f64::from).collect()
@@ -101,7 +117,39 @@ pub fn run(device: &Device, dtype: ComputeDtype) -> SelfTestReport {
         // f32 is never self-tested by the policy; 1e-5 is f32 rounding with room to spare.
         ComputeDtype::F32 => 1e-5,
     };
-    SelfTestReport { dtype, error, tolerance, passed: error <= tolerance }
+    SelfTestReport { dtype, what: format!("{dtype} arithmetic"), error, tolerance, passed: error <= tolerance }
+}
+
+/// Runs the linear layers' bf16 product kernel (`cogview_shaders::bf16_product`) on `device`: A·B
+/// with bf16 inputs against the f64 product of the same values. A kernel that cannot be built for
+/// the adapter (it panics) fails the test instead of the run.
+pub fn run_bf16_products(device: &Device) -> SelfTestReport {
+    let (a, b) = inputs();
+    let (a, b) = (round_to(ComputeDtype::Bf16, a), round_to(ComputeDtype::Bf16, b));
+    let (c_ref, _) = reference(&a, &b);
+    // The product is the unscaled one: `reference` scales by 1/sqrt(K), exactly a power of two.
+    let c_ref: Vec<f64> = c_ref.into_iter().map(|c| c * (K as f64).sqrt()).collect();
+    let b_t: Vec<f32> = (0..N * K).map(|i| b[(i % K) * N + i / K]).collect();
+    let product = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let ta = Tensor::<2>::from_data(TensorData::new(a, [M, K]), (device, DType::F32));
+        let weight = Tensor::<2>::from_data(TensorData::new(b_t, [N, K]).convert_dtype(DType::BF16), (device, DType::BF16));
+        let c = cogview_shaders::bf16_product::bf16_linear(ta, weight, None);
+        c.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default()
+    }));
+    let error = match product {
+        Ok(c) => max_error(&c.into_iter().map(f64::from).collect::<Vec<_>>(), &c_ref, largest(&c_ref)),
+        Err(_) => {
+            tracing::warn!("the bf16 matrix-product kernel failed on this adapter");
+            f64::INFINITY
+        }
+    };
+    SelfTestReport {
+        dtype: ComputeDtype::Bf16,
+        what: "bf16 matrix products with f32 sums".into(),
+        error,
+        tolerance: PRODUCTS_TOLERANCE,
+        passed: error <= PRODUCTS_TOLERANCE,
+    }
 }
 
 #[cfg(test)]
@@ -120,6 +168,10 @@ mod tests {
                 assert!(r.error > 0.0, "{r:?}");
             }
         }
+        // The emulated products sum the exact products in f32: far inside the tolerance, and
+        // the f32 product of the unrounded inputs would not be (the inputs are rounded).
+        let r = run_bf16_products(&device);
+        assert!(r.passed && r.error < 1e-5, "{r:?}");
     }
 
     /// The comparison catches what broken drivers return: zeros, NaN, a transposed result,

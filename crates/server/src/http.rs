@@ -67,6 +67,7 @@ pub fn serve(pipeline: Pipeline, options: ServeOptions, ready: impl FnOnce(Socke
         "adapter": t.adapter.label(),
         "compiler": t.capabilities.compiler,
         "precision": t.precision.dtype,
+        "matmul": t.precision.matmul,
         "precision_reason": t.precision.reason,
         "auth": options.api_key.is_some(),
     });

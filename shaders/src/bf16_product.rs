@@ -1,0 +1,169 @@
+//! Linear layers as matrix products with bf16 inputs and f32 accumulation: the matrix hardware
+//! (tensor cores, cooperative matrices) of adapters that have no general bf16 arithmetic.
+//!
+//! Vulkan lists bf16 × bf16 → f32 cooperative-matrix configurations (VK_KHR_cooperative_matrix
+//! with VK_KHR_shader_bfloat16) on adapters where burn's `supports_dtype(BF16)` is false, and f32
+//! products never use that hardware there (no tf32). So the weight stays a bf16 tensor, the
+//! activations are rounded to bf16 for the product only, and the product's sums and output are
+//! f32: bf16 has f32's exponent range, so nothing here can overflow where f32 would not (f16
+//! would: CogView3-Plus's activations pass 65504).
+//!
+//! burn's `matmul` cannot do this: it binds the right-hand side with the left-hand dtype and
+//! takes the output dtype from the inputs. burn-cubecl's matmul entry takes the output dtype
+//! explicitly; [`bf16_linear`] calls it through a backend extension, so it runs under burn's
+//! fusion like any other op.
+//!
+//! On burn's CPU backend the same numbers are emulated: inputs rounded to bf16 and widened back
+//! (exact), then an f32 product. A product of two bf16 values (8 significant bits each) has at
+//! most 16 significant bits and is exact in f32, so the emulation differs from the hardware only
+//! in the order of the f32 sums. The plain-burn reference is [`bf16_linear_reference`].
+
+use burn::backend::{Backend, Dispatch, backend_extension, tensor::FloatTensor};
+use burn::tensor::{DType, Device, Shape, Tensor};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::kernel::matmul::{MatmulStrategy, matmul};
+use cubecl::ir::{ElemType, FloatKind};
+
+use crate::linear;
+
+/// Whether `device` multiplies bf16 matrices on its matrix hardware with f32 accumulation: one of
+/// the cooperative-matrix (or manual MMA) configurations its driver lists is bf16 × bf16 → f32.
+/// That is not burn's `supports_dtype(BF16)`, which asks for general bf16 arithmetic. Always
+/// false on burn's CPU backend (which only emulates the numbers).
+pub fn available(device: &Device) -> bool {
+    let burn::backend::DispatchDevice::Cube(d) = device.as_dispatch() else { return false };
+    let (bf16, f32) = (ElemType::Float(FloatKind::BF16), ElemType::Float(FloatKind::F32));
+    let client = d.client();
+    let matmul = &client.properties().features.matmul;
+    matmul.cmma.iter().chain(&matmul.mma).any(|c| c.a_type == bf16 && c.b_type == bf16 && c.cd_type == f32)
+}
+
+/// `x · weightᵀ + bias` with `x` and `weight` rounded to bf16 and the sums in f32.
+///
+/// On CubeCL adapters the product runs on the matrix hardware (`weight` must be a bf16 tensor
+/// there); on burn's CPU backend it is emulated (any float dtype). The output is f32.
+///
+/// # Shapes
+/// - x: `[rows, d_in]` (f32), weight: `[d_out, d_in]` (bf16), bias: `[d_out]` (f32) →
+///   `[rows, d_out]` (f32)
+pub fn bf16_linear(x: Tensor<2>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
+    let y = match x.device().as_dispatch() {
+        burn::backend::DispatchDevice::Flex(_) => {
+            let x = x.cast(DType::BF16).cast(DType::F32);
+            let weight = weight.cast(DType::BF16).cast(DType::F32);
+            if linear::applies(&x, &weight, bias.as_ref()) {
+                return linear::linear(x, weight, bias);
+            }
+            crate::matmul(x, weight.transpose())
+        }
+        _ => {
+            assert_eq!(weight.dtype(), DType::BF16, "bf16_linear: the weight must be stored in bf16 on a GPU");
+            Tensor::from_dispatch(Dispatch::bf16_product(x.into_dispatch(), weight.into_dispatch()))
+        }
+    };
+    match bias {
+        Some(bias) => y + bias.cast(DType::F32).unsqueeze(),
+        None => y,
+    }
+}
+
+/// The plain-burn reference for [`bf16_linear`]: the same roundings, then burn's f32 `linear`.
+///
+/// # Shapes
+/// - as [`bf16_linear`]
+pub fn bf16_linear_reference(x: Tensor<2>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
+    let round = |t: Tensor<2>| t.cast(DType::BF16).cast(DType::F32);
+    crate::burn_linear(round(x), round(weight).transpose(), bias.map(|b| b.cast(DType::F32)))
+}
+
+#[backend_extension(Cube, Fusion)]
+pub trait Bf16ProductOps: Backend {
+    /// `x · weightᵀ`: `x` f32 `[rows, d_in]`, `weight` bf16 `[d_out, d_in]`, output f32.
+    #[fusion(dtype = burn::tensor::DType::F32, shape = Shape::new([x[0], weight[0]]))]
+    fn bf16_product(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+impl Bf16ProductOps for CubeBackend {
+    fn bf16_product(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        // Both operands bf16 (burn-cubecl binds the right-hand side with the left-hand dtype);
+        // the transposed weight is a view, which the matmul reads in place.
+        let x = burn_cubecl::kernel::cast(x, DType::BF16);
+        let weight_t = <Self as burn::backend::ops::FloatTensorOps<Self>>::float_swap_dims(weight, 0, 1);
+        matmul(x, weight_t, None, MatmulStrategy::default(), DType::F32)
+            .unwrap_or_else(|e| panic!("bf16 × bf16 → f32 matrix product: no kernel for this adapter ({e:?})"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    fn values(t: Tensor<2>) -> Vec<f32> {
+        t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+    }
+
+    /// Smooth values of both signs over three decades, none of them a bf16 value.
+    fn matrix(rows: usize, cols: usize, seed: f32, device: &Device) -> Tensor<2> {
+        let v: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.731 + seed).sin() * 10f32.powi((i % 3) as i32 - 1)).collect();
+        Tensor::from_data(TensorData::new(v, [rows, cols]), device)
+    }
+
+    /// f32 sums of the same exact products, in gemm's order against burn's: at most K rounding
+    /// steps of 2^-24 each on partial sums no larger than Σ|x·w|; here K ≤ 300, so 300 × 6e-8 ≈
+    /// 2e-5 of Σ|x·w|, which is itself within a few times the largest output.
+    const EMULATION_TOL: f32 = 1e-4;
+
+    /// The emulation on burn's CPU backend is the reference's numbers: bf16-rounded inputs, f32
+    /// sums; with and without a bias, on the linear kernel's path (f32) and burn's (a bf16 weight).
+    #[test]
+    fn emulation_matches_the_reference() {
+        let device = Device::flex();
+        for (rows, d_in, d_out) in [(1, 8, 4), (37, 300, 65), (64, 40, 120)] {
+            let x = matrix(rows, d_in, 0.3, &device);
+            let w = matrix(d_out, d_in, 1.7, &device);
+            let b = matrix(1, d_out, 2.9, &device).reshape([d_out]);
+            for bias in [None, Some(b)] {
+                let want = values(bf16_linear_reference(x.clone(), w.clone(), bias.clone()));
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for weight in [w.clone(), w.clone().cast(DType::BF16)] {
+                    let got = values(bf16_linear(x.clone(), weight, bias.clone()));
+                    let err = got.iter().zip(&want).fold(0f32, |m, (g, r)| m.max((g - r).abs())) / scale;
+                    assert!(err <= EMULATION_TOL, "{rows}×{d_in}×{d_out}: error {err:.2e} of the scale");
+                }
+            }
+        }
+    }
+
+    /// The inputs really are rounded to bf16: the result is not the f32 product (it differs by
+    /// about 2^-9 of the scale), and equals an f64 product of the rounded values.
+    #[test]
+    fn rounds_the_inputs_and_sums_in_f32() {
+        let device = Device::flex();
+        let (rows, d_in, d_out) = (16, 64, 24);
+        let x = matrix(rows, d_in, 0.3, &device);
+        let w = matrix(d_out, d_in, 1.7, &device);
+        let got = values(bf16_linear(x.clone(), w.clone(), None));
+        let f32_product = values(burn::tensor::module::linear(x.clone(), w.clone().transpose(), None));
+        let round = |t: Tensor<2>| -> Vec<f64> { values(t).into_iter().map(|v| half::bf16::from_f32(v).to_f64()).collect() };
+        let (xr, wr) = (round(x), round(w));
+        let exact: Vec<f64> =
+            (0..rows * d_out).map(|i| (0..d_in).map(|k| xr[i / d_out * d_in + k] * wr[i % d_out * d_in + k]).sum()).collect();
+        let scale = exact.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let err = |a: &[f32]| a.iter().zip(&exact).fold(0f64, |m, (g, r)| m.max((*g as f64 - r).abs())) / scale;
+        assert!(err(&got) <= EMULATION_TOL as f64, "against the f64 product of the rounded inputs: {:.2e}", err(&got));
+        assert!(err(&f32_product) > 1e-3, "the f32 product is within {:.2e}: the inputs were not rounded", err(&f32_product));
+    }
+
+    /// A NaN in the input reaches the output (the non-finite guard downstream must see it).
+    #[test]
+    fn a_nan_stays_a_nan() {
+        let device = Device::flex();
+        let mut v = vec![0.5f32; 4 * 8];
+        v[9] = f32::NAN;
+        let x = Tensor::<2>::from_data(TensorData::new(v, [4, 8]), &device);
+        let w = matrix(3, 8, 0.1, &device);
+        let got = values(bf16_linear(x, w, None));
+        assert!(got[3..6].iter().all(|v| v.is_nan()) && got[..3].iter().all(|v| v.is_finite()), "{got:?}");
+    }
+}

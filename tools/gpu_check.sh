@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The device check of the bf16 matrix-product path (Vulkan cooperative matrices), for a session that
+# has the GPU. Here first: ../shared/gpu/prepare.sh   then the device tool's run with carry [".gpu"],
+# timeout_s 570, command "bash tools/gpu_check.sh". About 6-8 minutes on a fresh H200.
+# Output: $OUT/log.txt and the bench JSON files.
+#  1. `cogview devices`: the adapter lists bf16 products, `auto` picks them and the self-test passes.
+#  2. Exactness on the tiny fixture: the same image under auto (bf16 products) and f32 on the GPU; the
+#     step latents must agree within the bf16 transformer's tolerance (5e-2 of their scale).
+#  3. The DiT at 1024², 30 blocks, guidance: auto (bf16 products) and --precision f32, each with its
+#     first step, median step and peak memory (compare with BENCHMARKS.md's diffusers CUDA figures).
+cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
+source .gpu/env.sh
+T0=$(date +%s); t() { echo "== $(( $(date +%s) - T0 )) s: $*"; }
+exec > >(tee "$OUT/log.txt") 2>&1
+nvidia-smi -L; t devices; timeout 60 $COGVIEW devices
+t "tiny fixture, auto and f32"
+prompt="A photo of a red fox sitting in the snow at sunrise, highly detailed, 4k."
+for p in auto f32; do
+  timeout 90 $COGVIEW generate --model tests/fixtures/base/pipeline --prompt "$prompt" --steps 4 --guidance 7 \
+    -W 96 -H 64 --seed 0 --precision $p --save-tensors /tmp/tiny_$p -o /tmp/tiny_$p.png --overwrite; echo "rc $?"
+done
+python3 - <<'PY'
+from safetensors.numpy import load_file
+a, b = load_file("/tmp/tiny_auto/tensors.safetensors"), load_file("/tmp/tiny_f32/tensors.safetensors")
+for k in ("step_latents", "image"):
+    d = abs(a[k] - b[k]).max() / abs(b[k]).max()
+    print(f"{k}: bf16 products vs f32 on the GPU: {d:.3e} of the scale ({'ok' if d <= 5e-2 else 'TOO FAR'})")
+PY
+for p in auto f32; do
+  t "cogview DiT, 30 blocks, 1024², --precision $p"
+  timeout 200 $COGVIEW bench --preset full --width 1024 --height 1024 --steps 3 --stages denoise --precision $p --json > "$OUT/dit_$p.json"; echo "rc $?"
+done
+t done
+python3 - "$OUT" <<'PY'
+import json, sys, pathlib
+for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    try: d = json.loads(p.read_text())
+    except Exception: print(p.name, "(no JSON)"); continue
+    r = d["report"]
+    print(p.name, d.get("precision"), d.get("matmul"), {k: round(r[k], 3) for k in ("first_step_seconds", "median_step_seconds") if r.get(k) is not None},
+          r.get("dit_peak"))
+PY
