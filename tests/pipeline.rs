@@ -57,7 +57,7 @@ fn prompt_semantics() {
     let refs = Refs::open("base", "text_encoder");
     let m = manifest("base");
     let prompt = m["text_encoder"]["prompt_for_negative_records"].as_str().unwrap();
-    let enc = TextEncoder::load(&model, &Device::flex(), DType::F32, Residency::Resident).unwrap();
+    let enc = TextEncoder::load(&model, &Device::flex(), DType::F32, WeightStorage::Compute, Residency::Resident).unwrap();
     let mut peak = PeakMemory::default();
     for (negative, key) in [(None, "none"), (Some(""), "empty"), (Some(m["text_encoder"]["negative_text"].as_str().unwrap()), "text")] {
         let c = prompt_embeddings(&enc, &model, &[prompt], negative, true, 1, 224, &mut peak, &mut FirstNonFinite::default()).unwrap();
@@ -175,6 +175,7 @@ fn a_run_with_bf16_products() {
     let req = cogview_tests::stages::request("base", case);
     let out = pipeline.generate(&req, &mut Quiet).unwrap();
     assert_eq!(out.plan.storage, WeightStorage::Bf16Products, "{}", out.plan.storage_reason);
+    assert_eq!(out.plan.text_storage(), WeightStorage::Bf16Products);
     assert!(out.fallbacks.is_empty(), "{:?}", out.fallbacks);
     let refs = Refs::open("base", "pipeline");
     let t = out.tensors.as_ref().unwrap();

@@ -2,8 +2,9 @@
 
 use burn::tensor::{DType, Device};
 use cogview_runtime::import::PromptTokenizer;
+use cogview_runtime::models::WeightStorage;
 use cogview_runtime::plan::Residency;
-use cogview_tests::stages::{T5_BF16_TOL, T5_F32_TOL, encode};
+use cogview_tests::stages::{T5_BF16_TOL, T5_F32_TOL, encode, encode_stored, relative_distance};
 use cogview_tests::{Refs, assert_close, fixture, pipeline};
 
 
@@ -88,4 +89,22 @@ fn prompt_embeddings_bf16() {
     let (got, _) = encode("base", &Device::flex(), DType::BF16, Residency::Resident, 224);
     let first = &got[..224 * 32];
     assert_close("base T5 bf16", first, &refs.f32("bfloat16.prompt_embeds"), T5_BF16_TOL);
+}
+
+/// bf16 matrix products (f32 elsewhere; emulated on the CPU backend) against transformers'
+/// bf16 encoding within the bf16 tolerance, and no farther from transformers' f32 than that
+/// bf16 encoding is (only the products' inputs are rounded), yet not the f32 result.
+#[test]
+fn prompt_embeddings_with_bf16_products() {
+    let refs = Refs::open("base", "dtypes");
+    let f32_refs = Refs::open("base", "text_encoder");
+    let (got, _) = encode_stored("base", &Device::flex(), DType::F32, WeightStorage::Bf16Products, Residency::Resident, 224);
+    let first = &got[..224 * 32];
+    let bf16_ref = refs.f32("bfloat16.prompt_embeds");
+    assert_close("base T5 bf16 products", first, &bf16_ref, T5_BF16_TOL);
+    let f32_ref = f32_refs.f32("prompt_embeds.len224");
+    let f32_first = &f32_ref[..224 * 32];
+    let (products, full_bf16) = (relative_distance(first, f32_first), relative_distance(&bf16_ref, f32_first));
+    eprintln!("T5: bf16 products {products:.2e} of the scale from f32; transformers-bf16 {full_bf16:.2e}");
+    assert!(products <= full_bf16 && products >= full_bf16 / 20.0, "{products:.2e} vs {full_bf16:.2e}");
 }

@@ -32,10 +32,14 @@ pub fn model(variant: &str) -> Model {
 }
 
 pub fn encode(variant: &str, device: &Device, dtype: DType, mode: Residency, len: usize) -> (Vec<f32>, PeakMemory) {
+    encode_stored(variant, device, dtype, WeightStorage::Compute, mode, len)
+}
+
+pub fn encode_stored(variant: &str, device: &Device, dtype: DType, storage: WeightStorage, mode: Residency, len: usize) -> (Vec<f32>, PeakMemory) {
     let model = model(variant);
     let prompts: Vec<String> = serde_json::from_value(manifest(variant)["prompts"].clone()).unwrap();
     let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let encoder = TextEncoder::load(&model, device, dtype, mode).unwrap();
+    let encoder = TextEncoder::load(&model, device, dtype, storage, mode).unwrap();
     let mut peak = PeakMemory::default();
     let h = encoder.encode(&model, &prompts, len, &mut peak, &mut NoProbe).unwrap();
     (values(h), peak)

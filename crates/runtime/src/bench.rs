@@ -188,7 +188,7 @@ pub fn bench(full: &Configs, settings: &BenchSettings, target: &Target) -> Resul
     }), plan.storage, dtype);
     let t5_block = stored_bytes(KeyRecorder::keys_of(|r| {
         T5Block::load(r, &configs.text_encoder);
-    }), WeightStorage::Compute, dtype);
+    }), plan.text_storage(), dtype);
     let full_depth = |stats: &StageStats, mode: Residency, left_out: u64| {
         stats.peak.in_use.map(|b| if mode == Residency::Resident { b + left_out } else { b })
     };

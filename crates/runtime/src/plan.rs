@@ -228,6 +228,12 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// How the text encoder's matrices are kept: bf16 when the linear layers multiply bf16 (as
+    /// the transformer's), else the compute dtype.
+    pub fn text_storage(&self) -> WeightStorage {
+        if self.storage == WeightStorage::Bf16Products { WeightStorage::Bf16Products } else { WeightStorage::Compute }
+    }
+
     pub fn attention(&self) -> AttentionLimits {
         AttentionLimits {
             max_scores_bytes: self.attention_scores_bytes,
@@ -429,9 +435,11 @@ pub fn make(input: &PlanInput) -> Plan {
 fn plan_text(input: &PlanInput) -> StagePlan<Residency> {
     let t5 = &input.configs.text_encoder;
     let c = input.compute.size();
+    // bf16 matrix products keep T5's matrices bf16 too (Plan::text_storage).
+    let matrix = if input.bf16_products { 2 } else { c };
     let block = bytes_of(&KeyRecorder::keys_of(|r| {
         T5Block::load(r, t5);
-    }), c, c);
+    }), matrix, c);
     let activations = t5_activations(t5, input.text_len, input.compute);
     let all = block * t5.num_layers as u64;
     if all + activations <= input.budget.bytes / 2 {
@@ -644,7 +652,7 @@ mod tests {
 
     /// With bf16 matrix products the matrices stay bf16 whatever `--weights` says (the products
     /// read bf16), and the transformer's stage budgets no widened f32 matrix: less than with
-    /// bf16 storage widened layer by layer.
+    /// bf16 storage widened layer by layer; T5's matrices stay bf16 as well.
     #[test]
     fn bf16_products_keep_matrices_bf16() {
         let (store, none) = (DtypeSupport { storage: true, arithmetic: false, accelerated: true }, DtypeSupport::default());
@@ -659,6 +667,9 @@ mod tests {
             assert!(plan.storage_reason.contains("multiply bf16"), "{}", plan.storage_reason);
             assert_eq!(plan.storage_reason.contains("does not apply"), weights == WeightsChoice::F32);
             assert!(plan.denoise.peak_bytes < widened.denoise.peak_bytes, "{} vs {}", plan.denoise.peak_bytes, widened.denoise.peak_bytes);
+            // T5's matrices too: half the resident encoder.
+            assert_eq!(plan.text_storage(), WeightStorage::Bf16Products);
+            assert!(plan.text.peak_bytes < widened.text.peak_bytes);
         }
     }
 

@@ -42,18 +42,21 @@ pub struct TextEncoder {
     blocks: Option<Vec<T5Block>>,
     device: Device,
     dtype: DType,
+    /// How the blocks' matrices are kept: the compute dtype, or bf16 for bf16 matrix products.
+    storage: WeightStorage,
     /// Prompts encoded so far.
     calls: Cell<usize>,
 }
 
 impl TextEncoder {
-    /// Loads the token table on the CPU, and in resident mode every block on `device`.
-    pub fn load(model: &Model, device: &Device, dtype: DType, mode: Residency) -> Result<Self, RuntimeError> {
+    /// Loads the token table on the CPU, and in resident mode every block on `device`, the
+    /// blocks' matrices kept in `storage` (the compute dtype, or bf16 for bf16 matrix products).
+    pub fn load(model: &Model, device: &Device, dtype: DType, storage: WeightStorage, mode: Residency) -> Result<Self, RuntimeError> {
         let t5 = &model.configs.text_encoder;
         let embedding = model.load(Component::TextEncoder, &Device::flex(), t5_weight_dtype(dtype), WeightStorage::Compute, |w| {
             T5Embedding::load(w, t5)
         })?;
-        let mut encoder = Self { embedding, blocks: None, device: device.clone(), dtype, calls: Cell::new(0) };
+        let mut encoder = Self { embedding, blocks: None, device: device.clone(), dtype, storage, calls: Cell::new(0) };
         if mode == Residency::Resident {
             encoder.blocks = Some((0..t5.num_layers).map(|i| encoder.load_block(model, i)).collect::<Result<_, _>>()?);
         }
@@ -68,6 +71,10 @@ impl TextEncoder {
         self.dtype
     }
 
+    pub fn storage(&self) -> WeightStorage {
+        self.storage
+    }
+
     /// How many prompts [`encode`](Self::encode) has run the encoder on.
     pub fn calls(&self) -> usize {
         self.calls.get()
@@ -75,7 +82,7 @@ impl TextEncoder {
 
     fn load_block(&self, model: &Model, i: usize) -> Result<T5Block, RuntimeError> {
         let t5 = &model.configs.text_encoder;
-        model.load(Component::TextEncoder, &self.device, t5_weight_dtype(self.dtype), WeightStorage::Compute, |w| {
+        model.load(Component::TextEncoder, &self.device, t5_weight_dtype(self.dtype), self.storage, |w| {
             T5Block::load(&w.pp(format!("encoder.block.{i}")), t5)
         })
     }
@@ -177,6 +184,7 @@ pub(crate) fn encode_prompts(run: &mut Run<impl Progress>, kept: &mut Option<Tex
     let loaded = run.model.load_seconds();
     let compute = run.compute();
     let mode = run.plan.text.mode;
+    let storage = run.plan.text_storage();
     // Each distinct (prompt, negative prompt when guided, length); guided when any of its
     // requests is (the unconditional half is only used by those).
     fn key(r: &Request) -> (&str, Option<&str>, usize) {
@@ -194,8 +202,8 @@ pub(crate) fn encode_prompts(run: &mut Run<impl Progress>, kept: &mut Option<Tex
     // What the streamed blocks sample inside a call (the probe samples between modules).
     let mut streamed_peak = PeakMemory::default();
     let mut encoder = match kept.take() {
-        Some(e) if e.mode() == mode && e.dtype() == compute => e,
-        _ => TextEncoder::load(run.model, device, compute, mode)?,
+        Some(e) if e.mode() == mode && e.dtype() == compute && e.storage() == storage => e,
+        _ => TextEncoder::load(run.model, device, compute, storage, mode)?,
     };
     let mut encoder_calls = 0;
     let embeddings = 'stage: loop {
@@ -211,7 +219,7 @@ pub(crate) fn encode_prompts(run: &mut Run<impl Progress>, kept: &mut Option<Tex
                 Guarded::Finite(c, _) => done.push(c),
                 Guarded::RedoInF32 => {
                     encoder_calls += encoder.calls();
-                    encoder = TextEncoder::load(run.model, device, DType::F32, Residency::Streamed)?;
+                    encoder = TextEncoder::load(run.model, device, DType::F32, WeightStorage::Compute, Residency::Streamed)?;
                     continue 'stage;
                 }
             }
