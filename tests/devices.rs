@@ -22,7 +22,7 @@ fn lavapipe_is_listed_with_its_capabilities() {
     assert!(!caps.bf16_products, "{caps:?}");
     let auto = precision::decide_on_device(Precision::Auto, &adapter, &caps, &dev).unwrap();
     assert_eq!((auto.dtype, auto.matmul), (ComputeDtype::F32, ComputeDtype::F32));
-    assert!(auto.reason.contains("lacks bf16 arithmetic and bf16 matrix products"), "{}", auto.reason);
+    assert!(auto.reason.contains("lacks bf16 arithmetic, bf16 matrix products and bf16 storage"), "{}", auto.reason);
     assert!(auto.self_test.is_none() && auto.summary() == "f32");
     let err = precision::decide_on_device(Precision::Bf16, &adapter, &caps, &dev).unwrap_err();
     assert!(matches!(err, PrecisionError::Unsupported { .. }));

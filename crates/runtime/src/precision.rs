@@ -155,13 +155,14 @@ pub fn decide(
              the linear layers' products in bf16, everything else in f32"
         )
     };
+    // "bf16 arithmetic, bf16 matrix products and bf16 storage", what applies of it.
     let lacks_bf16 = || {
-        let products = if caps.bf16_products { "" } else { " and bf16 matrix products" };
-        if caps.bf16.storage {
-            format!("bf16 arithmetic{products} (it can only store bf16)")
-        } else {
-            format!("bf16 arithmetic{products} and bf16 storage")
-        }
+        let mut missing = vec!["bf16 arithmetic"];
+        missing.extend((!caps.bf16_products).then_some("bf16 matrix products"));
+        missing.extend((!caps.bf16.storage).then_some("bf16 storage"));
+        let last = missing.pop().expect("bf16 arithmetic is listed");
+        let list = if missing.is_empty() { last.to_string() } else { format!("{} and {last}", missing.join(", ")) };
+        if caps.bf16.storage { format!("{list} (it can only store bf16)") } else { list }
     };
     match requested {
         Precision::F32 => ok(ComputeDtype::F32, "f32 was asked for".into(), vec![]),
