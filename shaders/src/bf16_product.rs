@@ -22,6 +22,7 @@ use burn::backend::{Backend, Dispatch, backend_extension, tensor::FloatTensor};
 use burn::tensor::{DType, Device, Shape, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::matmul::{MatmulStrategy, matmul};
+use burn_cubecl::ops::numeric::full_client;
 use cubecl::ir::{ElemType, FloatKind};
 
 use crate::linear;
@@ -47,6 +48,23 @@ pub fn available(device: &Device) -> bool {
 /// - x: `[rows, d_in]` (f32), weight: `[d_out, d_in]` (bf16), bias: `[d_out]` (f32) →
 ///   `[rows, d_out]` (f32)
 pub fn bf16_linear(x: Tensor<2>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
+    product(x, weight, bias, true)
+}
+
+/// [`bf16_linear`] without a bias through one fixed kernel choice instead of autotune: where no
+/// matrix-hardware kernel can be built for the adapter, the output is NaN rather than a panic
+/// (a release build aborts on a panic). For the self-test that decides whether the adapter
+/// gets bf16 products at all.
+///
+/// # Shapes
+/// - as [`bf16_linear`]
+pub fn bf16_linear_probe(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
+    product(x, weight, None, false)
+}
+
+/// `tuned`: autotune the kernel (which panics when no candidate launches), else cubek's fixed
+/// choice (which reports it).
+fn product(x: Tensor<2>, weight: Tensor<2>, bias: Option<Tensor<1>>, tuned: bool) -> Tensor<2> {
     let y = match x.device().as_dispatch() {
         burn::backend::DispatchDevice::Flex(_) => {
             let x = x.cast(DType::BF16).cast(DType::F32);
@@ -58,7 +76,7 @@ pub fn bf16_linear(x: Tensor<2>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> 
         }
         _ => {
             assert_eq!(weight.dtype(), DType::BF16, "bf16_linear: the weight must be stored in bf16 on a GPU");
-            Tensor::from_dispatch(Dispatch::bf16_product(x.into_dispatch(), weight.into_dispatch()))
+            Tensor::from_dispatch(Dispatch::bf16_product(x.into_dispatch(), weight.into_dispatch(), tuned))
         }
     };
     match bias {
@@ -78,19 +96,30 @@ pub fn bf16_linear_reference(x: Tensor<2>, weight: Tensor<2>, bias: Option<Tenso
 
 #[backend_extension(Cube, Fusion)]
 pub trait Bf16ProductOps: Backend {
-    /// `x · weightᵀ`: `x` f32 `[rows, d_in]`, `weight` bf16 `[d_out, d_in]`, output f32.
+    /// `x · weightᵀ`: `x` f32 `[rows, d_in]`, `weight` bf16 `[d_out, d_in]`, output f32;
+    /// `tuned`: autotuned, else cubek's fixed choice with NaN for a kernel that cannot launch.
     #[fusion(dtype = burn::tensor::DType::F32, shape = Shape::new([x[0], weight[0]]))]
-    fn bf16_product(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn bf16_product(x: FloatTensor<Self>, weight: FloatTensor<Self>, tuned: bool) -> FloatTensor<Self>;
 }
 
 impl Bf16ProductOps for CubeBackend {
-    fn bf16_product(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn bf16_product(x: FloatTensor<Self>, weight: FloatTensor<Self>, tuned: bool) -> FloatTensor<Self> {
+        let (client, device) = (x.client.clone(), x.device.clone());
+        let shape = Shape::new([x.meta.shape()[0], weight.meta.shape()[0]]);
         // Both operands bf16 (burn-cubecl binds the right-hand side with the left-hand dtype);
         // the transposed weight is a view, which the matmul reads in place.
         let x = burn_cubecl::kernel::cast(x, DType::BF16);
         let weight_t = <Self as burn::backend::ops::FloatTensorOps<Self>>::float_swap_dims(weight, 0, 1);
-        matmul(x, weight_t, None, MatmulStrategy::default(), DType::F32)
-            .unwrap_or_else(|e| panic!("bf16 × bf16 → f32 matrix product: no kernel for this adapter ({e:?})"))
+        // cubek's fixed choice tries its cooperative-matrix kernel, then a unit kernel that
+        // needs bf16 arithmetic, and returns an error when neither can launch.
+        let strategy = if tuned { MatmulStrategy::default() } else { MatmulStrategy::Cube };
+        match matmul(x, weight_t, None, strategy, DType::F32) {
+            Ok(y) => y,
+            Err(e) => {
+                tracing::warn!("no bf16 × bf16 → f32 matrix-product kernel for this adapter: {e:?}");
+                full_client::<f32>(client, shape, device, f32::NAN)
+            }
+        }
     }
 }
 
