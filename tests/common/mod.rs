@@ -119,6 +119,9 @@ pub fn lavapipe() -> (device::AdapterInfo, Device) {
         .into_iter()
         .find(|a| a.api == Api::Vulkan && a.adapter_type == AdapterType::Software)
         .expect("no software Vulkan adapter: install mesa-vulkan-drivers (see .ci/run)");
+    // Tests start from nothing: no kernel compiled or tuned by an earlier run (the kernel
+    // cache has its own tests, crates/cli/tests/kernel_cache.rs).
+    cogview_runtime::kernel_cache::set_location(cogview_runtime::kernel_cache::CacheLocation::Off);
     let dev = device::open(&adapter).expect("lavapipe starts");
     (adapter, dev)
 }

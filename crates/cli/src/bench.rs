@@ -6,8 +6,10 @@ use cogview_runtime::bench::{BenchReport, BenchSettings, bench};
 use cogview_runtime::import::ModelFolder;
 use cogview_runtime::models::Configs;
 use cogview_runtime::plan::{WeightsChoice, human, parse_size};
+use cogview_runtime::{Quiet, kernel_cache};
 
 use crate::DeviceArgs;
+use crate::generate::Bars;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Preset {
@@ -68,14 +70,18 @@ pub struct BenchArgs {
     device: DeviceArgs,
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
-    let configs = match &args.config {
+fn configs(config: &Option<String>, preset: Preset) -> Result<Configs> {
+    Ok(match config {
         Some(dir) => ModelFolder::open(dir)?.configs,
-        None => match args.preset {
+        None => match preset {
             Preset::Tiny => Configs::tiny(),
             Preset::Full => Configs::cogview3_plus_3b(),
         },
-    };
+    })
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let configs = configs(&args.config, args.preset)?;
     let target = cogview_runtime::target(args.device.device, args.device.backend, args.device.precision)?;
     let settings = BenchSettings {
         width: args.width,
@@ -88,12 +94,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         max_memory: args.max_memory,
         stages: [Stage::Text, Stage::Encode, Stage::Denoise, Stage::Decode].map(|s| args.stages.contains(&s)),
     };
-    let report = bench(&configs, &settings, &target)?;
+    let report = bench(&configs, &settings, &target, &mut Quiet)?;
     let json = serde_json::json!({
         "device": target.adapter.label(),
         "compiler": target.capabilities.compiler,
         "precision": target.precision.dtype,
         "matmul": target.precision.matmul,
+        "kernel_cache": kernel_cache::active(),
         "report": report,
     });
     if args.json {
@@ -130,4 +137,82 @@ fn table(r: &BenchReport, device: &str, precision: &str) -> String {
     s += &format!("{:<18}{:>10.3}\n", "DiT median step", r.median_step_seconds);
     s += &format!("{:<18}{:>10.4}\n", "guard per step", r.guard_seconds_per_step);
     s
+}
+
+#[derive(Args)]
+pub struct WarmupArgs {
+    /// Model configuration: the real CogView3-Plus-3B, or the tests' tiny one.
+    #[arg(long, value_enum, default_value = "full")]
+    preset: Preset,
+    /// A model folder whose config files to use instead of a preset (weights are not read).
+    #[arg(long)]
+    config: Option<String>,
+    #[arg(short = 'W', long, default_value_t = 1024)]
+    width: usize,
+    #[arg(short = 'H', long, default_value_t = 1024)]
+    height: usize,
+    /// Text tokens (the pipeline's max_sequence_length).
+    #[arg(long, default_value_t = 224)]
+    max_sequence_length: usize,
+    /// Warm up for images without classifier-free guidance (batch 1 instead of 2).
+    #[arg(long)]
+    no_cfg: bool,
+    /// As `generate --weights`: the storage changes which kernels run.
+    #[arg(long, default_value = "auto")]
+    weights: WeightsChoice,
+    /// As `generate --max-memory`: the plan (streaming, VAE tiles) changes which kernels run.
+    #[arg(long, value_parser = parse_size)]
+    max_memory: Option<u64>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// `cogview warmup`: one block of the text encoder and of the transformer and the whole VAE
+/// decoder, on random weights, at the size and plan a `generate` with the same flags gets: every
+/// kernel that run needs is compiled and tuned, and the kernel cache keeps them.
+pub fn warmup(args: WarmupArgs, quiet: bool) -> Result<()> {
+    let configs = configs(&args.config, args.preset)?;
+    let target = cogview_runtime::target(args.device.device, args.device.backend, args.device.precision)?;
+    if target.adapter.api == cogview_runtime::Api::Cpu {
+        if !quiet {
+            println!("{}: the CPU backend compiles no kernels; nothing to warm up", target.adapter.label());
+        }
+        return Ok(());
+    }
+    let cache = kernel_cache::active();
+    let settings = BenchSettings {
+        width: args.width,
+        height: args.height,
+        steps: 1,
+        layers: Some(1),
+        text_len: args.max_sequence_length,
+        cfg: !args.no_cfg,
+        weights: args.weights,
+        max_memory: args.max_memory,
+        stages: [true, false, true, true],
+    };
+    let start = std::time::Instant::now();
+    let mut bars = Bars::new(quiet);
+    bench(&configs, &settings, &target, &mut bars)?;
+    cogview_runtime::Progress::finish(&mut bars);
+    if quiet {
+        return Ok(());
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    match cache {
+        Some(c) => {
+            let (entries, bytes) = kernel_cache::size_of(&c.entries);
+            println!(
+                "{} in {}: {}x{} warmed up in {seconds:.1} s; the kernel cache {} holds {entries} entries ({})",
+                target.adapter.label(),
+                target.precision.summary(),
+                args.width,
+                args.height,
+                c.entries.display(),
+                human(bytes)
+            );
+        }
+        None => println!("{}: ran in {seconds:.1} s, but the kernel cache is off: nothing was kept", target.adapter.label()),
+    }
+    Ok(())
 }

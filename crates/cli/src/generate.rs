@@ -126,7 +126,7 @@ pub struct GenerateArgs {
 }
 
 /// One bar per stage on a terminal; log lines otherwise; nothing with `-q`.
-struct Bars {
+pub(crate) struct Bars {
     bar: Option<ProgressBar>,
     terminal: bool,
     quiet: bool,
@@ -140,6 +140,12 @@ fn rate(per_second: f64) -> String {
         format!("{per_second:.2} it/s")
     } else {
         format!("{:.1} s/it", 1.0 / per_second)
+    }
+}
+
+impl Bars {
+    pub(crate) fn new(quiet: bool) -> Self {
+        Bars { bar: None, terminal: std::io::stderr().is_terminal(), quiet, stage: "", total: 0 }
     }
 }
 
@@ -189,6 +195,11 @@ impl Progress for Bars {
             b.finish();
         }
     }
+}
+
+/// Whether the run compiles GPU kernels (any adapter but burn's CPU backend).
+fn pipeline_needs_kernels(target: &Target) -> bool {
+    target.adapter.api != cogview_runtime::Api::Cpu
 }
 
 /// `--from IMAGE.png`: the settings of the image fill in every flag not given (`explicit`
@@ -315,7 +326,18 @@ pub fn run(mut args: GenerateArgs, quiet: bool, explicit: &dyn Fn(&str) -> bool)
         target.precision.reason,
         requests.len()
     );
-    let mut bars = Bars { bar: None, terminal: std::io::stderr().is_terminal(), quiet, stage: "", total: 0 };
+    match cogview_runtime::kernel_cache::active() {
+        Some(c) if c.fresh => tracing::info!(
+            "first run on this adapter and driver: every GPU kernel is compiled and tuned as the run meets it (minutes at 1024²); \
+             kept in {} for the next runs (`cogview warmup` does it ahead of time)",
+            c.entries.display()
+        ),
+        None if pipeline_needs_kernels(&target) => {
+            tracing::info!("the kernel cache is off: every GPU kernel is compiled and tuned again in this run")
+        }
+        _ => {}
+    }
+    let mut bars = Bars::new(quiet);
     let mut pipeline = Pipeline::load(folder, target, options)?;
     let batch = pipeline.generate_batch(&requests, &mut bars)?;
     let mut shown = Vec::new();

@@ -26,6 +26,12 @@ struct Cli {
     /// Only errors and the paths of the files written: no progress bars, no summaries.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
+    /// Where compiled GPU kernels and their autotune results are kept between runs: a
+    /// directory, or `off`. The first run on an adapter and driver compiles and tunes every
+    /// kernel it needs (minutes at 1024²); later runs read them. Default: the platform's cache
+    /// directory + cogview/kernels.
+    #[arg(long, global = true, value_name = "DIR|off", env = "COGVIEW_KERNEL_CACHE")]
+    kernel_cache: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +63,10 @@ enum Command {
     /// Fetch a model from the hub into the Hugging Face cache (what `generate` does on first
     /// use) and print its folder.
     Download(model::ModelArgs),
+    /// Compile and tune the GPU kernels an image size needs, into the kernel cache, without a
+    /// checkpoint (one block of each model on random weights), so that the first `generate`
+    /// is as fast as the next ones.
+    Warmup(Box<bench::WarmupArgs>),
 }
 
 /// Where to compute and in which dtype; shared by every command that runs a model.
@@ -104,6 +114,12 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+    if let Some(cache) = &cli.kernel_cache {
+        cogview_runtime::kernel_cache::set_location(match cache.as_str() {
+            "off" => cogview_runtime::kernel_cache::CacheLocation::Off,
+            dir => cogview_runtime::kernel_cache::CacheLocation::Dir(dir.into()),
+        });
+    }
     let result = match cli.command {
         Command::Devices(args) => devices::run(args),
         Command::Inspect(args) => inspect::run(args),
@@ -118,6 +134,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(*args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Bench(args) => bench::run(*args),
+        Command::Warmup(args) => bench::warmup(*args, cli.quiet),
         Command::Download(args) => args
             .open(cogview_runtime::import::hub::Files::All)
             .map(|folder| println!("{}", folder.root.display())),

@@ -17,6 +17,8 @@ fn cogview(args: &[&str]) -> Output {
         .env_remove("COGVIEW_DEVICE")
         .env_remove("COGVIEW_BACKEND")
         .env_remove("COGVIEW_PRECISION")
+        // Every run starts from nothing (kernel_cache.rs tests the cache).
+        .env("COGVIEW_KERNEL_CACHE", "off")
         .output()
         .expect("cogview runs");
     println!("$ cogview {}\n{}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

@@ -16,7 +16,7 @@ use crate::error::RuntimeError;
 use crate::memory::PeakMemory;
 use crate::pipeline::{Options, Pipeline, StageStats, plan_for};
 use crate::plan::{Plan, Residency, WeightsChoice};
-use crate::progress::Quiet;
+use crate::progress::Progress;
 use crate::init_image::InitImage;
 use crate::request::{Request, seeded_noise};
 use crate::target::Target;
@@ -117,12 +117,12 @@ struct Measured {
 
 /// The stages `settings` asks for, each through the pipeline; a stage left out gives the next
 /// random inputs (text embeddings, latents).
-fn run_stages(pipeline: &mut Pipeline, request: Request, plan: &Plan, settings: &BenchSettings, target: &Target) -> Result<Measured, RuntimeError> {
+fn run_stages(pipeline: &mut Pipeline, request: Request, plan: &Plan, settings: &BenchSettings, target: &Target, progress: &mut impl Progress) -> Result<Measured, RuntimeError> {
     let configs = pipeline.configs().clone();
     let (device, dtype) = (&target.device, target.precision.dtype.dtype());
     let requests = [request];
     let (conditionings, text) = if settings.stages[0] {
-        let encoded = pipeline.encode_prompts(&requests, plan, &mut Quiet)?;
+        let encoded = pipeline.encode_prompts(&requests, plan, progress)?;
         tracing::info!("bench: T5 {:.1} s, peak {:?}", encoded.stats.seconds, encoded.stats.peak.in_use);
         (encoded.conditionings, encoded.stats)
     } else {
@@ -131,7 +131,7 @@ fn run_stages(pipeline: &mut Pipeline, request: Request, plan: &Plan, settings: 
         (vec![Conditioning { cond, uncond }], StageStats::default())
     };
     let encode = if settings.stages[1] {
-        let (_, stats) = pipeline.encode_images(&requests, plan, &mut Quiet)?;
+        let (_, stats) = pipeline.encode_images(&requests, plan, progress)?;
         tracing::info!("bench: VAE encoder {:.1} s, peak {:?}", stats.seconds, stats.peak.in_use);
         stats
     } else {
@@ -139,7 +139,7 @@ fn run_stages(pipeline: &mut Pipeline, request: Request, plan: &Plan, settings: 
     };
     let [c, lh, lw] = requests[0].latent_shape(&configs);
     let (latents, denoise, steps, guard) = if settings.stages[2] {
-        let (mut out, stats) = pipeline.denoise(&requests, &conditionings, plan, &mut Quiet)?;
+        let (mut out, stats) = pipeline.denoise(&requests, &conditionings, plan, progress)?;
         let d = out.pop().expect("one image");
         tracing::info!("bench: DiT {} step(s) {:?} s, peak {:?}", d.step_seconds.len(), d.step_seconds, stats.peak.in_use);
         (d.latents, stats, d.step_seconds, d.guard_seconds)
@@ -148,7 +148,7 @@ fn run_stages(pipeline: &mut Pipeline, request: Request, plan: &Plan, settings: 
         (random, StageStats::default(), Vec::new(), Vec::new())
     };
     let decode = if settings.stages[3] {
-        let (_, stats) = pipeline.decode(vec![latents], plan, &mut Quiet)?;
+        let (_, stats) = pipeline.decode(vec![latents], plan, progress)?;
         tracing::info!("bench: VAE {:.1} s, peak {:?}", stats.seconds, stats.peak.in_use);
         stats
     } else {
@@ -165,7 +165,7 @@ fn random_picture(width: usize, height: usize) -> InitImage {
 
 /// Runs the stages on random weights of `full` (cut to `settings.layers` blocks), following
 /// the plan of the full-depth configuration (storage, streaming, attention groups, VAE tiles).
-pub fn bench(full: &Configs, settings: &BenchSettings, target: &Target) -> Result<BenchReport, RuntimeError> {
+pub fn bench(full: &Configs, settings: &BenchSettings, target: &Target, progress: &mut impl Progress) -> Result<BenchReport, RuntimeError> {
     let configs = match settings.layers {
         Some(n) => full.clone().with_layers(n),
         None => full.clone(),
@@ -196,7 +196,7 @@ pub fn bench(full: &Configs, settings: &BenchSettings, target: &Target) -> Resul
         "bench: T5 {} ({} layers), DiT {} ({} layers), VAE {}, weights {}",
         plan.text.mode, configs.text_encoder.num_layers, plan.denoise.mode, configs.transformer.num_layers, plan.decode.mode, plan.storage
     );
-    let Measured { text, encode, denoise, steps, guard, decode } = run_stages(&mut pipeline, request, &plan, settings, target)?;
+    let Measured { text, encode, denoise, steps, guard, decode } = run_stages(&mut pipeline, request, &plan, settings, target, progress)?;
     // With one step, the first is also the median.
     let later = if steps.len() > 1 { &steps[1..] } else { &steps[..] };
     Ok(BenchReport {

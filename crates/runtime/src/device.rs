@@ -492,6 +492,9 @@ pub fn open(adapter: &AdapterInfo) -> Result<Device, DeviceError> {
     let device = match adapter.api.wgpu() {
         None => Device::flex(),
         Some((_, api)) => {
+            // Before CubeCL's first device: it reads its configuration, and the environment the
+            // caches live in, once.
+            crate::kernel_cache::activate(adapter);
             let kind = adapter.burn_kind.clone();
             // burn returns the errors of adapter and device requests. A panic inside a driver
             // is not caught: release builds abort on panic (Cargo.toml's profile, for size),

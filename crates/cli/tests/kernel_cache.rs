@@ -1,0 +1,159 @@
+//! The kernel cache across processes, on lavapipe: a second process reads what the first compiled
+//! and tuned, a corrupted entry is ignored and rewritten, two processes may fill one cache at
+//! once, and the cache goes where it is told. Each process is a whole `cogview generate` of the
+//! tiny fixture on lavapipe (WGSL: the cache holds autotune results; compiled SPIR-V joins them on
+//! adapters that use the SPIR-V compiler).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+fn base() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/base/pipeline").to_string_lossy().into_owned()
+}
+
+/// `cogview generate` of the tiny fixture on lavapipe into `png`, with the cache flag given (or
+/// the `COGVIEW_KERNEL_CACHE` variable), logging the cache's reads and damaged entries.
+fn generate(cache: Cache, png: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cogview"));
+    c.args(["generate", "--model", &base(), "--prompt", "a red fox", "--steps", "2", "--width", "32", "--height", "32"])
+        .args(["--seed", "5", "--backend", "vulkan", "--precision", "f32", "--overwrite", "-o"])
+        .arg(png)
+        .env_remove("COGVIEW_DEVICE")
+        .env_remove("COGVIEW_BACKEND")
+        .env_remove("COGVIEW_PRECISION")
+        .env_remove("COGVIEW_KERNEL_CACHE")
+        .env("COGVIEW_LOG", "warn,cogview=info,cubecl_runtime::tune=info,cubecl_environment::persistence::file=debug")
+        .env("CUBECL_AUTOTUNE_LEVEL", "minimal");
+    match cache {
+        Cache::Flag(dir) => c.arg("--kernel-cache").arg(dir),
+        Cache::Env(dir) => c.env("COGVIEW_KERNEL_CACHE", dir),
+    };
+    c
+}
+
+#[derive(Clone, Copy)]
+enum Cache<'a> {
+    Flag(&'a Path),
+    Env(&'a Path),
+}
+
+fn finish(what: &str, out: Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{what} failed:\n{err}");
+    err
+}
+
+fn run(what: &str, cache: Cache, png: &Path) -> String {
+    finish(what, generate(cache, png).output().expect("cogview runs"))
+}
+
+fn spawn(cache: Cache, png: &Path) -> Child {
+    generate(cache, png).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("cogview runs")
+}
+
+/// Autotune results read from the cache, as CubeCL logs them when it loads a tuner's entries.
+fn reads(log: &str) -> usize {
+    log.lines()
+        .filter_map(|l| l.split("Loaded ").nth(1)?.strip_suffix(" autotune cached entries")?.parse::<usize>().ok())
+        .sum()
+}
+
+/// The entry files under `dir` (not the temporary ones), at any depth.
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            out.extend(entries(&path));
+        } else if !e.file_name().to_string_lossy().starts_with('.') {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}
+
+fn pixels(png: &Path) -> Vec<u8> {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(png).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    buf
+}
+
+/// The first process compiles and tunes (and says so); the second reads the entries and makes
+/// the same image. Then every entry is damaged: the third process ignores them, makes the same
+/// image, and leaves intact entries behind, which a fourth reads again.
+#[test]
+fn later_processes_read_the_cache_and_a_damaged_entry_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("kernels");
+    let png = |n: usize| dir.path().join(format!("{n}.png"));
+
+    let first = run("first", Cache::Flag(&cache), &png(1));
+    assert!(first.contains("first run on this adapter and driver"), "{first}");
+    assert_eq!(reads(&first), 0, "{first}");
+    let written = entries(&cache);
+    assert!(!written.is_empty(), "nothing cached in {}", cache.display());
+    // One environment, named for cogview's version and the driver.
+    let envs: Vec<_> = std::fs::read_dir(&cache).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(envs.len() == 1 && envs[0].starts_with(&format!("cogview-{}-", env!("CARGO_PKG_VERSION"))), "{envs:?}");
+
+    let second = run("second", Cache::Flag(&cache), &png(2));
+    assert!(!second.contains("first run on this adapter"), "{second}");
+    assert!(reads(&second) > 0, "the second process read nothing:\n{second}");
+    assert_eq!(pixels(&png(2)), pixels(&png(1)), "the cached kernels gave another image");
+    assert_eq!(entries(&cache), written, "the second process found everything it needed");
+
+    // Damage every entry: flip a byte in the middle of each.
+    let damaged: Vec<Vec<u8>> = written
+        .iter()
+        .map(|f| {
+            let mut bytes = std::fs::read(f).unwrap();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0x5a;
+            std::fs::write(f, &bytes).unwrap();
+            bytes
+        })
+        .collect();
+    let third = run("third", Cache::Flag(&cache), &png(3));
+    assert!(third.contains("not an intact entry"), "the damage went unnoticed:\n{third}");
+    assert_eq!(pixels(&png(3)), pixels(&png(1)), "a damaged cache changed the image");
+    for (f, bad) in written.iter().zip(&damaged) {
+        assert_ne!(&std::fs::read(f).unwrap(), bad, "{} was not rewritten", f.display());
+    }
+    let fourth = run("fourth", Cache::Flag(&cache), &png(4));
+    assert!(reads(&fourth) > 0 && !fourth.contains("not an intact entry"), "{fourth}");
+    assert_eq!(pixels(&png(4)), pixels(&png(1)));
+}
+
+/// Two processes filling one empty cache at once (given by the environment variable) both
+/// finish with the same image, and leave entries a third process reads whole and makes that
+/// image from. `off` keeps nothing.
+#[test]
+fn two_processes_fill_one_cache_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("shared");
+    let (a, b) = (dir.path().join("a.png"), dir.path().join("b.png"));
+    let (ca, cb) = (spawn(Cache::Env(&cache), &a), spawn(Cache::Env(&cache), &b));
+    finish("a", ca.wait_with_output().unwrap());
+    finish("b", cb.wait_with_output().unwrap());
+    assert_eq!(pixels(&a), pixels(&b));
+    assert!(!entries(&cache).is_empty());
+    let after = dir.path().join("after.png");
+    let log = run("after", Cache::Env(&cache), &after);
+    assert!(reads(&log) > 0 && !log.contains("not an intact entry"), "{log}");
+    assert_eq!(pixels(&after), pixels(&a));
+
+    let off = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_cogview"))
+        .args(["devices", "--backend", "vulkan", "--kernel-cache", "off"])
+        .env("COGVIEW_LOG", "warn,cogview=info")
+        .current_dir(off.path())
+        .output()
+        .unwrap();
+    let log = finish("devices, cache off", o);
+    assert!(!log.contains("kernel cache dir="), "{log}");
+    assert!(std::fs::read_dir(off.path()).unwrap().next().is_none(), "`off` wrote into the working directory");
+}
