@@ -107,12 +107,12 @@ pub fn activate(adapter: &AdapterInfo) -> Option<KernelCache> {
             let entries = entries_dir(&dir, &environment);
             let fresh = !has_entries(&entries);
             // CubeCL's own configuration (cubecl.toml, CUBECL_* variables), with the environment
-            // and compiled-kernel caching set here.
+            // set here and compiled kernels cached (autotune results are unless cubecl.toml says
+            // `autotune.disable_cache`).
             let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
             config.environment.name = environment.clone();
             config.environment.path = CacheConfig::Directory(dir.clone());
             config.compilation.cache = true;
-            config.autotune.disable_cache = false;
             if !CubeClRuntimeConfig::try_set(config) {
                 tracing::warn!("CubeCL's configuration was read before cogview chose the kernel cache; kernels are not cached");
                 return None;
