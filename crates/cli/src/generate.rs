@@ -15,7 +15,7 @@ use cogview_runtime::metadata::Settings;
 use cogview_runtime::output::{read_latents, save_png, save_tensors};
 use cogview_runtime::pipeline::plan_folder;
 use cogview_runtime::plan::{Plan, WeightsChoice, human, parse_size};
-use cogview_runtime::{ComputeDtype, Field, Options, Output, Pipeline, Progress, Request, Stage, Target};
+use cogview_runtime::{ComputeDtype, Field, Options, Output, Pipeline, Precision, Progress, Request, Stage, Target};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::DeviceArgs;
@@ -204,8 +204,9 @@ fn pipeline_needs_kernels(target: &Target) -> bool {
 
 /// `--from IMAGE.png`: the settings of the image fill in every flag not given (`explicit`
 /// says which were, on the command line or in the environment).
-/// Returns the dtype the image was computed in, when `--precision` was not given.
-fn apply_from(args: &mut GenerateArgs, explicit: &dyn Fn(&str) -> bool) -> Result<Option<ComputeDtype>> {
+/// Returns the dtype the image was computed in and the one its matrix products read, when
+/// `--precision` was not given.
+fn apply_from(args: &mut GenerateArgs, explicit: &dyn Fn(&str) -> bool) -> Result<Option<(ComputeDtype, ComputeDtype)>> {
     let Some(path) = args.from.clone() else { return Ok(None) };
     let s = Settings::read_png(&path)?;
     if s.latents.is_some() && args.latents.is_none() {
@@ -246,7 +247,7 @@ fn apply_from(args: &mut GenerateArgs, explicit: &dyn Fn(&str) -> bool) -> Resul
         // dtype the image was computed in if this machine decides otherwise.
         args.device.precision = s.precision_requested;
     }
-    Ok(Some(s.precision))
+    Ok(Some((s.precision, s.matrix_products.unwrap_or(s.precision))))
 }
 
 pub fn run(mut args: GenerateArgs, quiet: bool, explicit: &dyn Fn(&str) -> bool) -> Result<()> {
@@ -309,9 +310,15 @@ pub fn run(mut args: GenerateArgs, quiet: bool, explicit: &dyn Fn(&str) -> bool)
         }
     }
     let mut target = cogview_runtime::target(args.device.device, args.device.backend, args.device.precision)?;
-    if let Some(dtype) = from_dtype.filter(|d| *d != target.precision.dtype) {
-        tracing::info!("--from: computing in {dtype} as the image was, not {}", target.precision.dtype);
-        target = cogview_runtime::target(args.device.device, args.device.backend, dtype.into())?;
+    if let Some((dtype, matmul)) = from_dtype.filter(|&d| d != (target.precision.dtype, target.precision.matmul)) {
+        // bf16 products in an f32 run are what `--precision bf16` gives where the adapter has
+        // them but no bf16 arithmetic.
+        let (request, what) = match (dtype, matmul) {
+            (ComputeDtype::F32, ComputeDtype::Bf16) => (Precision::Bf16, "f32, bf16 matrix products".to_string()),
+            _ => (dtype.into(), dtype.to_string()),
+        };
+        tracing::info!("--from: computing in {what} as the image was, not {}", target.precision.summary());
+        target = cogview_runtime::target(args.device.device, args.device.backend, request)?;
     }
     let options = Options { weights: args.weights, max_memory: args.max_memory, check: args.check_finite, ..Options::default() };
     if args.dry_run {
