@@ -8,9 +8,10 @@
 //!
 //! Every write goes to a temporary file in the same directory first. A new entry is then
 //! published with `hard_link`, which fails when the name exists: the check and the write are one
-//! atomic step for every process sharing the directory, as the [`Storage`] contract asks. An
-//! overwrite (a repair, or a local value replacing an imported one) is a `rename`, which is
-//! atomic too. Readers never see a partial file.
+//! atomic step for every process sharing the directory, as the [`Storage`] contract asks (on a
+//! file system without hard links, a rename where nothing is yet). An overwrite (a repair, or a
+//! local value replacing an imported one) is a `rename`, which is atomic too. Readers never see a
+//! partial file.
 
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -158,17 +159,20 @@ impl FileStorage {
         let published = if overwrite {
             std::fs::rename(&tmp, path).map(|()| true)
         } else {
-            let linked = match std::fs::hard_link(&tmp, path) {
+            match std::fs::hard_link(&tmp, path) {
                 Ok(()) => Ok(true),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-                Err(e) => Err(e),
-            };
-            let _ = std::fs::remove_file(&tmp);
-            linked
+                // A file system without hard links (FAT, some network mounts): a rename where
+                // nothing is yet. Two writers racing there may both publish, the last one
+                // winning; each wrote a whole, valid entry for the same key.
+                Err(e) => {
+                    log::debug!("cache entry {}: no hard link ({e}); renaming", path.display());
+                    if path.exists() { Ok(false) } else { std::fs::rename(&tmp, path).map(|()| true) }
+                }
+            }
         };
-        if published.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
+        // Gone already where it was renamed into place.
+        let _ = std::fs::remove_file(&tmp);
         published
     }
 
