@@ -588,6 +588,26 @@ fn compiler_of(name: &str) -> Compiler {
 mod tests {
     use super::*;
 
+    /// The kernel cache's environment is cogview's version and the adapter's driver build: the
+    /// same adapter and driver share it, a driver upgrade or another adapter does not.
+    #[test]
+    fn kernel_cache_environments_follow_the_driver() {
+        use crate::kernel_cache::environment_name;
+        let gpu = AdapterInfo { driver: "NVIDIA 580.65.06".into(), ..adapter(Some(0), AdapterType::DiscreteGpu, Api::Vulkan) };
+        let name = environment_name(&gpu);
+        assert!(name.starts_with(&format!("cogview-{}-", env!("CARGO_PKG_VERSION"))), "{name}");
+        assert_eq!(name, environment_name(&gpu.clone()));
+        let upgraded = AdapterInfo { driver: "NVIDIA 580.82.07".into(), ..gpu.clone() };
+        let other = AdapterInfo { name: "another card".into(), ..gpu.clone() };
+        let dx12 = AdapterInfo { api: Api::Dx12, ..gpu.clone() };
+        for changed in [upgraded, other, dx12] {
+            assert_ne!(environment_name(&changed), name, "{changed:?}");
+        }
+        use crate::kernel_cache::{CacheLocation, dir_of};
+        assert_eq!(dir_of(&CacheLocation::Off), None);
+        assert_eq!(dir_of(&CacheLocation::Dir("/x".into())), Some("/x".into()));
+    }
+
     fn adapter(index: Option<usize>, t: AdapterType, api: Api) -> AdapterInfo {
         AdapterInfo {
             index,

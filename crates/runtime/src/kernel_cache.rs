@@ -7,11 +7,10 @@
 //! file, then linked or renamed into place: safe with several processes; a torn or corrupted
 //! entry reads as a miss and is recomputed and rewritten).
 //!
-//! The cache lives in `<dir>/<environment>.entries/`, where `<dir>` is `--kernel-cache DIR` or
+//! The cache lives in `<dir>/<environment>.entries/`. `<dir>` is `--kernel-cache DIR` or
 //! `COGVIEW_KERNEL_CACHE=DIR` (`off` turns it off), else the platform's cache directory +
-//! `cogview/kernels`, and the
-//! environment is named after what makes an entry valid: cogview's version (which pins burn and
-//! CubeCL) and the adapter's driver and its version. A cogview or driver upgrade therefore starts
+//! `cogview/kernels`. The environment is named after what makes an entry valid: cogview's
+//! version (which pins burn and CubeCL) and the adapter's driver and its version. A cogview or driver upgrade therefore starts
 //! a new environment and never reads an old entry. CubeCL's own namespaces add its version, the
 //! device and a checksum of the kernels tuned.
 //!
