@@ -3,13 +3,14 @@
 //! each), so the stages share shapes with the pipeline run (the `base` fixture at 64x96, 224
 //! text tokens) and the compiled kernels.
 
-use burn::tensor::{DType, Device};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use cogview_shaders::bf16::{unpack_bf16, unpack_bf16_reference, upload_packed};
 use rand::{Rng, SeedableRng};
 use cogview_runtime::models::WeightStorage;
 use cogview_runtime::plan::{Residency, WeightsChoice};
 use cogview_tests::stages::{DIT_F32_TOL, T5_F32_TOL, assert_identical, bf16_copy, decode_case, encode, forward_cases, run_case, run_stored};
-use cogview_tests::{Refs, assert_close, lavapipe};
+use cogview_shaders::flash::FlashTiles;
+use cogview_tests::{Refs, assert_close, lavapipe, values};
 
 #[test]
 fn every_stage_on_lavapipe() {
@@ -55,3 +56,39 @@ fn bf16_unpacking_kernel_matches_reference() {
         }
     }
 }
+
+/// Attention padded to f16 tiles (`cogview_shaders::flash`) through burn's attention on
+/// lavapipe, which lists no cooperative matrices, so burn runs f32 kernels there: the padding
+/// (head size 40 → 48, 70 queries → 128), the folded scale and v's divisor must change nothing
+/// but f32 rounding against burn's attention on the unpadded inputs on the CPU backend.
+#[test]
+fn flash_padding_on_lavapipe() {
+    let (_, dev) = lavapipe();
+    assert_eq!(cogview_shaders::flash::tiles(&dev), None, "lavapipe lists no cooperative matrices");
+    let dims = [1, 2, 70, 40];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let mut random = |scale: f32| -> Vec<f32> { (0..dims.iter().product()).map(|_| rng.random_range(-scale..scale)).collect() };
+    // q and k normalised per head, as the transformer's are; v past f16's range.
+    let normalised = |v: Vec<f32>| -> Vec<f32> {
+        v.chunks(dims[3])
+            .flat_map(|r| {
+                let mean = r.iter().sum::<f32>() / r.len() as f32;
+                let sd = (r.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / r.len() as f32 + 1e-6).sqrt();
+                r.iter().map(move |x| (x - mean) / sd)
+            })
+            .collect()
+    };
+    let (q, k, v) = (normalised(random(1.0)), normalised(random(1.0)), random(1e5));
+    let on = |x: &[f32], d: &Device| Tensor::<4>::from_data(TensorData::new(x.to_vec(), dims), d);
+    let tiles = FlashTiles { head: 16, rows: 128 };
+    let got = values(cogview_shaders::flash::attention(on(&q, &dev), on(&k, &dev), on(&v, &dev), tiles));
+    let cpu = Device::flex();
+    let want = values(cogview_shaders::flash::attention_reference(on(&q, &cpu), on(&k, &cpu), on(&v, &cpu)));
+    // f32 rounding through two backends' exp and sums over 70 keys, relative to v's scale.
+    assert_close("flash padding on lavapipe", &got, &want, FLASH_PADDING_LAVAPIPE_TOL);
+}
+
+/// f32 rounding of the same attention on two backends (lavapipe's `exp` is LLVM's vectorised
+/// one, burn-flex's the standard library's; the sums run in different orders): a few ulps per
+/// score, about 1e-6 of the output's scale; 1e-5 leaves room.
+const FLASH_PADDING_LAVAPIPE_TOL: f32 = 1e-5;

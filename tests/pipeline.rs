@@ -11,6 +11,7 @@ use cogview_runtime::text::{TextEncoder, prompt_embeddings};
 use cogview_runtime::metadata::Settings;
 use cogview_runtime::precision::{ComputeDtype, Precision, PrecisionDecision};
 use cogview_runtime::{Options, Pipeline, Quiet};
+use cogview_shaders::flash::FlashTiles;
 use cogview_tests::stages::{DIT_BF16_TOL, VAE_F32_TOL, assert_identical, bf16_copy, decode_case, f32_pipeline, folder, manifest, model, run_case, run_stored};
 use cogview_tests::{Refs, assert_close, fixture, target_on, values};
 
@@ -158,8 +159,8 @@ fn storage_modes_and_streaming_are_bit_identical() {
     assert_eq!(p.storage, WeightStorage::Compute, "{}", p.storage_reason);
 }
 
-/// A whole run with bf16 matrix products (emulated on burn-flex): the plan keeps the matrices
-/// for that kernel, the steps stay within the bf16 transformer's tolerance of diffusers-f32
+/// A whole run with bf16 matrix products and attention on f16 tiles (emulated on burn-flex):
+/// the plan keeps the matrices for that kernel and says attention holds no scores, the steps stay within the bf16 transformer's tolerance of diffusers-f32
 /// (each of the 4 steps moves the latents by a fraction of the DiT output's error), the image
 /// is finite, and its metadata says how it was computed.
 #[test]
@@ -168,7 +169,8 @@ fn a_run_with_bf16_products() {
     let case = "s4_g7_64x96";
     let decision = PrecisionDecision {
         matmul: ComputeDtype::Bf16,
-        reason: "bf16 products, emulated".into(),
+        flash: Some(FlashTiles { head: 16, rows: 128 }),
+        reason: "bf16 products and f16-tile attention, emulated".into(),
         ..PrecisionDecision::fixed(Precision::Bf16, ComputeDtype::F32)
     };
     let mut pipeline = Pipeline::load(folder("base"), target_on(&dev, decision), Options::default()).unwrap();
@@ -176,15 +178,16 @@ fn a_run_with_bf16_products() {
     let out = pipeline.generate(&req, &mut Quiet).unwrap();
     assert_eq!(out.plan.storage, WeightStorage::Bf16Products, "{}", out.plan.storage_reason);
     assert_eq!(out.plan.text_storage(), WeightStorage::Bf16Products);
+    assert!(out.plan.report().contains("no score matrix, no head groups"), "{}", out.plan.report());
     assert!(out.fallbacks.is_empty(), "{:?}", out.fallbacks);
     let refs = Refs::open("base", "pipeline");
     let t = out.tensors.as_ref().unwrap();
     assert_close("base bf16 products step latents", &t.step_latents.0, &refs.f32(&format!("{case}.step_latents")), DIT_BF16_TOL);
     assert!(t.image.0.iter().all(|v| v.is_finite()));
     let settings = Settings::new(&req, &out, "base", pipeline.target());
-    assert_eq!(settings.precision_summary(), "f32, bf16 matrix products");
+    assert_eq!(settings.precision_summary(), "f32, bf16 matrix products, f16-tile attention");
     // A1111 quotes a value with a comma in it.
-    assert!(settings.parameters().contains("Precision: \"f32, bf16 matrix products\""), "{}", settings.parameters());
+    assert!(settings.parameters().contains("Precision: \"f32, bf16 matrix products, f16-tile attention\""), "{}", settings.parameters());
 }
 
 /// A batch runs each stage once for all its images: 3 prompts × 2 seeds encode 3 prompts, and

@@ -6,7 +6,9 @@
 #  1. `cogview devices`: the adapter lists bf16 products, `auto` picks them and the self-test passes.
 #  2. Exactness on the tiny fixture: the same image under auto (bf16 products) and f32 on the GPU; the
 #     step latents must agree within the bf16 transformer's tolerance (5e-2 of their scale).
-#  3. The DiT at 1024², 30 blocks, guidance: auto (bf16 products) and --precision f32, each with its
+#  3. The DiT at 1024², 30 blocks, guidance: auto (bf16 products, and attention on f16 tiles where
+#     `devices` says so: one flash call a block, no head groups) and --precision f32 (exact f32
+#     attention in head groups), each with its
 #     first step, median step and peak memory (compare with BENCHMARKS.md's diffusers CUDA figures).
 #     Every process uses the kernel cache in /tmp/kc: the first auto run is cold (compiles and tunes),
 #     the second auto run is warm (issue 15: first step <= 1.5x the median step when warm).
@@ -47,6 +49,6 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     try: d = json.loads(p.read_text())
     except Exception: print(p.name, "(no JSON)"); continue
     r = d["report"]
-    print(p.name, d.get("precision"), d.get("matmul"), {k: round(r[k], 3) for k in ("first_step_seconds", "median_step_seconds") if r.get(k) is not None},
+    print(p.name, d.get("precision"), d.get("matmul"), d.get("attention"), {k: round(r[k], 3) for k in ("first_step_seconds", "median_step_seconds") if r.get(k) is not None},
           r.get("dit_peak"))
 PY

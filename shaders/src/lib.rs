@@ -3,7 +3,8 @@
 //! - GPU: `#[cube]` functions (so they compile to WGSL, SPIR-V and MSL, whichever compiler the
 //!   adapter got), launched through a burn backend extension (so they run under burn's fusion
 //!   like any other op): [`bf16`], [`bf16_product`] (burn-cubecl's matmul with bf16 inputs and an
-//!   f32 output, emulated on the CPU backend).
+//!   f32 output, emulated on the CPU backend). [`flash`] is plain burn around burn's accelerated
+//!   flash attention: the padding that lets it launch at the transformer's head size.
 //! - burn's CPU backend (burn-flex): host code on its tensors' memory, through the same kind of
 //!   extension, where burn-flex's own ops leave most of the machine idle. Its elementwise ops
 //!   run on one thread and its convolution copies nine times its input: [`conv`], [`linear`],
@@ -17,6 +18,7 @@ pub mod attention;
 pub mod bf16;
 pub mod bf16_product;
 pub mod conv;
+pub mod flash;
 pub mod gelu;
 pub mod group_norm;
 pub mod layer_norm;

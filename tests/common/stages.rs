@@ -13,6 +13,7 @@ use cogview_runtime::precision::{ComputeDtype, Precision, PrecisionDecision};
 use cogview_runtime::source::Source;
 use cogview_runtime::text::TextEncoder;
 use cogview_runtime::{Options, Output, Pipeline, Quiet, Request};
+use cogview_shaders::flash::FlashTiles;
 
 use crate::{Refs, assert_close, fixture, pipeline, target_on, values};
 
@@ -69,8 +70,8 @@ pub fn load_dit_stored(variant: &str, device: &Device, dtype: DType, storage: We
     (folder, dit)
 }
 
-/// The DiT with bf16 matrix products (f32 everywhere else) against diffusers run entirely in
-/// bf16 (`tools/bf16_refs.py`).
+/// The DiT with bf16 matrix products and attention on f16 tiles (f32 everywhere else) against
+/// diffusers run entirely in bf16 (`tools/bf16_refs.py`).
 ///
 /// Both approximate the f32 result. diffusers-bf16 rounds every activation, norm output and
 /// residual to 8 significant bits as well as the products' inputs; on these fixtures it lands
@@ -90,13 +91,15 @@ pub fn bf16_products_cases(variant: &str, device: &Device) -> Vec<(f32, f32)> {
     let (_, dit) = load_dit_stored(variant, device, DType::F32, WeightStorage::Bf16Products);
     let refs = Refs::open(variant, "transformer");
     let bf16_refs = Refs::open(variant, "transformer_bf16");
+    // With them, attention on f16 tiles (emulated on the CPU backend; `cogview_shaders::flash`).
+    let limits = AttentionLimits { flash: Some(FlashTiles { head: 16, rows: 128 }), ..Default::default() };
     ["square", "rect"]
         .iter()
         .map(|case| {
             let t: Vec<f32> = refs.i64(&format!("{case}.timestep")).into_iter().map(|t| t as f32).collect();
             let x = refs.tensor::<4>(&format!("{case}.hidden_states"), device);
             let text = refs.tensor::<3>(&format!("{case}.encoder_hidden_states"), device);
-            let out = values(dit.forward(x, text, &t, &sizes(&refs, case), &AttentionLimits::default(), &mut NoProbe));
+            let out = values(dit.forward(x, text, &t, &sizes(&refs, case), &limits, &mut NoProbe));
             let (f32_ref, bf16_ref) = (refs.f32(&format!("{case}.output")), bf16_refs.f32(&format!("{case}.output")));
             assert_close(&format!("{variant} {case} bf16 products vs diffusers bf16"), &out, &bf16_ref, DIT_BF16_PRODUCTS_TOL);
             (relative_distance(&out, &f32_ref), relative_distance(&bf16_ref, &f32_ref))

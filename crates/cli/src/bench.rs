@@ -6,7 +6,7 @@ use cogview_runtime::bench::{BenchReport, BenchSettings, bench};
 use cogview_runtime::import::ModelFolder;
 use cogview_runtime::models::Configs;
 use cogview_runtime::plan::{WeightsChoice, human, parse_size};
-use cogview_runtime::{Quiet, kernel_cache};
+use cogview_runtime::{Quiet, Request, kernel_cache};
 
 use crate::DeviceArgs;
 use crate::generate::Bars;
@@ -100,7 +100,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "compiler": target.capabilities.compiler,
         "precision": target.precision.dtype,
         "matmul": target.precision.matmul,
+        "attention": if target.precision.flash.is_some() { "f16 tiles" } else { "f32" },
         "kernel_cache": kernel_cache::active(),
+        "image_seconds": report.image_seconds(Request::new("").steps),
         "report": report,
     });
     if args.json {
@@ -136,6 +138,13 @@ fn table(r: &BenchReport, device: &str, precision: &str) -> String {
     }
     s += &format!("{:<18}{:>10.3}\n", "DiT median step", r.median_step_seconds);
     s += &format!("{:<18}{:>10.4}\n", "guard per step", r.guard_seconds_per_step);
+    let steps = Request::new("").steps;
+    s += &format!(
+        "{:<18}{:>10.3}  (T5, loads, first step, {} median steps, VAE decode; at this run's depth)\n",
+        format!("image, {steps} steps"),
+        r.image_seconds(steps),
+        steps - 1
+    );
     s
 }
 

@@ -46,7 +46,7 @@ fn bytes(b: Option<u64>) -> String {
 }
 
 fn table(s: &Survey) -> String {
-    let header = ["", "#", "adapter", "vendor", "type", "api", "compiler", "f32", "f16", "bf16", "bf16 products", "max buffer", "max binding", "driver"];
+    let header = ["", "#", "adapter", "vendor", "type", "api", "compiler", "f32", "f16", "bf16", "bf16 products", "f16 tiles", "max buffer", "max binding", "driver"];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     for r in &s.rows {
         let caps = r.capabilities.as_ref();
@@ -63,6 +63,7 @@ fn table(s: &Survey) -> String {
             dt(&|c| c.f16.to_string()),
             dt(&|c| c.bf16.to_string()),
             dt(&|c| if c.bf16_products { "yes".into() } else { "no".into() }),
+            dt(&|c| if c.flash_tiles.is_some() { "yes".into() } else { "no".into() }),
             bytes(r.adapter.max_buffer_size),
             bytes(r.adapter.max_storage_binding_size),
             r.adapter.driver.clone(),

@@ -326,6 +326,13 @@ fn bench_reports_every_stage() {
         assert!(v["report"][key].as_f64().is_some_and(|s| s > 0.0), "{key} in {v}");
     }
     assert_eq!(v["report"]["dit_layers"], 2);
+    // The whole image of the pipeline's 50 steps, from the stages: more than the 2 steps run.
+    let r = &v["report"];
+    let f = |k: &str| r[k].as_f64().unwrap();
+    let parts = f("t5_seconds") + f("t5_load_seconds") + f("dit_load_seconds") + f("first_step_seconds") + f("vae_seconds") + f("vae_load_seconds");
+    let image = v["image_seconds"].as_f64().unwrap();
+    assert!((image - parts - 49.0 * f("median_step_seconds")).abs() <= 1e-9 * image.max(1.0), "{v}");
+    assert_eq!(v["attention"], "f32", "{v}");
 }
 
 #[test]

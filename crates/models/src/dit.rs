@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
+use cogview_shaders::flash::FlashTiles;
 use serde::Deserialize;
 
 use crate::nn::{Linear, gelu_tanh, layer_norm, layer_norm_modulate, silu};
@@ -256,25 +257,32 @@ fn clip_f16(x: Tensor<3>) -> Tensor<3> {
     if x.dtype() == DType::F16 { x.clamp(-65504.0, 65504.0) } else { x }
 }
 
-/// How joint attention is split so that no buffer passes the adapter's limit.
+/// How joint attention runs, and is split so that no buffer passes the adapter's limit.
 ///
-/// burn's attention takes the flash path (no score matrix) when it can; when it cannot (a
-/// kernel config that does not launch silently degrades) the fallback materialises
-/// `[N, H, T, T]` scores: 4.8 GB per image at 1024² (64 heads, 4320 tokens), past the 2 GiB
-/// binding limit of Vulkan and DX12. Since a forward cannot tell which path burn took, heads
-/// are always processed in groups whose fallback score matrix fits `max_scores_bytes`: at the
-/// real shape with a 1 GiB budget that is 14 heads a call, 5 calls a block, which costs little
-/// when flash is taken and is what keeps the fallback alive.
+/// With `flash` (the adapter's f16 cooperative-matrix tiles, given with bf16 matrix products),
+/// attention is burn's accelerated flash kernel on a padded problem
+/// (`cogview_shaders::flash`): one call, no score matrix, no head groups.
+///
+/// Otherwise burn's attention takes a flash path (no score matrix) when it can; when it cannot
+/// (a kernel config that does not launch silently degrades; at head size 40 it does on any
+/// adapter with f16 cooperative matrices) the fallback materialises `[N, H, T, T]` scores:
+/// 4.8 GB per image at 1024² (64 heads, 4320 tokens), past the 2 GiB binding limit of Vulkan
+/// and DX12. Since a forward cannot tell which path burn took, heads are then processed in
+/// groups whose fallback score matrix fits `max_scores_bytes`: at the real shape with a 1 GiB
+/// budget that is 14 heads a call, 5 calls a block, which costs little when flash is taken and
+/// is what keeps the fallback alive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionLimits {
     pub max_scores_bytes: u64,
     /// The device's largest buffer: the feed-forward runs on token chunks below it.
     pub max_buffer_bytes: u64,
+    /// Flash attention on f16 tiles with f32 sums, padded to these tiles.
+    pub flash: Option<FlashTiles>,
 }
 
 impl Default for AttentionLimits {
     fn default() -> Self {
-        Self { max_scores_bytes: 1 << 30, max_buffer_bytes: u64::MAX }
+        Self { max_scores_bytes: 1 << 30, max_buffer_bytes: u64::MAX, flash: None }
     }
 }
 
@@ -286,12 +294,16 @@ impl AttentionLimits {
         ((self.max_scores_bytes / per_head.max(1)) as usize).clamp(1, heads)
     }
 
-    /// Scaled dot-product attention, `softmax(q kᵀ / sqrt(hd)) v`, no mask, in head groups.
+    /// Scaled dot-product attention, `softmax(q kᵀ / sqrt(hd)) v`, no mask: flash on f16 tiles,
+    /// or in head groups.
     ///
     /// # Shapes
     /// - q, k, v: `[N, H, T, hd]` → `[N, H, T, hd]`
     pub fn attention(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
         let [n, h, t, hd] = q.dims();
+        if let Some(tiles) = self.flash {
+            return cogview_shaders::flash::attention(q, k, v, tiles);
+        }
         if cogview_shaders::attention::applies(&q, &k, &v, None) {
             // burn's CPU backend: a kernel that holds one block of query rows' scores per
             // thread, never a [T, T] matrix, so no head groups.

@@ -86,6 +86,23 @@ pub struct BenchReport {
     pub plan: Plan,
 }
 
+impl BenchReport {
+    /// One whole image of `steps` steps at this run's size and depth, from its stages: the text
+    /// encoder and its load, the transformer's load, the first step, `steps - 1` median steps,
+    /// the VAE decode and its load (the random weights' drawing stands in for reading the
+    /// checkpoint). In a cold process the first step includes compiling and tuning; in a warm one
+    /// (the kernel cache filled by an earlier run) it does not.
+    pub fn image_seconds(&self, steps: usize) -> f64 {
+        self.t5_seconds
+            + self.t5_load_seconds
+            + self.dit_load_seconds
+            + self.first_step_seconds
+            + steps.saturating_sub(1) as f64 * self.median_step_seconds
+            + self.vae_seconds
+            + self.vae_load_seconds
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
         return 0.0;

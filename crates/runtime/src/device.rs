@@ -13,6 +13,7 @@ use std::sync::{Mutex, OnceLock};
 use burn::backend::{Backend as _, Dispatch};
 use burn::tensor::wgpu::{WgpuBackend, wgpu};
 use burn::tensor::{DType, Device, DeviceKind};
+use cogview_shaders::flash::FlashTiles;
 use serde::Serialize;
 
 /// Why an adapter cannot be used.
@@ -228,6 +229,9 @@ pub struct Capabilities {
     /// bf16 × bf16 → f32 matrix products on the matrix hardware (a cooperative-matrix or MMA
     /// configuration the driver lists), with or without general bf16 arithmetic.
     pub bf16_products: bool,
+    /// The tiles of its f16 × f16 → f32 cooperative matrices, which burn's accelerated flash
+    /// attention runs on (`cogview_shaders::flash`); used with bf16 products only.
+    pub flash_tiles: Option<FlashTiles>,
 }
 
 /// One adapter as `cogview devices` lists it.
@@ -529,6 +533,7 @@ pub fn capabilities(device: &Device) -> Capabilities {
         f16: usage(DType::F16),
         bf16: usage(DType::BF16),
         bf16_products: cogview_shaders::bf16_product::available(device),
+        flash_tiles: cogview_shaders::flash::tiles(device),
     }
 }
 

@@ -49,6 +49,9 @@ pub struct Settings {
     /// products with f32 sums in an f32 run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matrix_products: Option<ComputeDtype>,
+    /// Joint attention ran on f16 tiles with f32 sums (beside bf16 products).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub f16_tile_attention: bool,
     pub precision_reason: String,
     /// `NAME (API, TYPE) (compiler)`.
     pub adapter: String,
@@ -96,6 +99,7 @@ impl Settings {
             precision_requested: target.precision.requested,
             precision: target.precision.dtype,
             matrix_products: (target.precision.matmul != target.precision.dtype).then_some(target.precision.matmul),
+            f16_tile_attention: target.precision.flash.is_some(),
             precision_reason: target.precision.reason.clone(),
             adapter: format!("{} ({})", target.adapter.label(), target.capabilities.compiler),
             fallbacks: output.fallbacks.clone(),
@@ -105,11 +109,13 @@ impl Settings {
         }
     }
 
-    /// `f32`, or `f32, bf16 matrix products`.
+    /// `f32`, `f32, bf16 matrix products`, or `f32, bf16 matrix products, f16-tile attention`
+    /// (as `PrecisionDecision::summary`).
     pub fn precision_summary(&self) -> String {
+        let attention = if self.f16_tile_attention { ", f16-tile attention" } else { "" };
         match self.matrix_products {
-            Some(m) => format!("{}, {m} matrix products", self.precision),
-            None => self.precision.to_string(),
+            Some(m) => format!("{}, {m} matrix products{attention}", self.precision),
+            None => format!("{}{attention}", self.precision),
         }
     }
 

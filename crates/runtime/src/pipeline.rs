@@ -325,6 +325,7 @@ pub fn plan_for(configs: &Configs, checkpoint_bf16: bool, target: &Target, optio
         text_len: largest.max_sequence_length,
         compute: target.precision.dtype.dtype(),
         bf16_products: target.precision.bf16_products(),
+        flash: target.precision.flash,
         weights: options.weights,
         checkpoint_bf16,
         caps: &target.capabilities,

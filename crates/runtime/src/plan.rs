@@ -15,6 +15,7 @@ use cogview_models::dit::{AttentionLimits, DitBlock, DitConfig, DitEmbeddings};
 use cogview_models::t5::{T5Block, T5Config};
 use cogview_models::vae::{Decoder, Encoder, VaeConfig};
 use cogview_models::{Configs, WeightStorage};
+use cogview_shaders::flash::FlashTiles;
 use serde::Serialize;
 
 use crate::device::Capabilities;
@@ -109,6 +110,8 @@ pub struct PlanInput<'a> {
     /// The linear layers multiply bf16 on the matrix hardware (an f32 run on an adapter with
     /// bf16 matrix products but no bf16 arithmetic): their matrices stay bf16.
     pub bf16_products: bool,
+    /// Joint attention on the adapter's f16 tiles (with bf16 products): no score matrix.
+    pub flash: Option<FlashTiles>,
     pub weights: WeightsChoice,
     /// Whether the DiT and VAE checkpoints hold bf16 (random weights: like the real model).
     pub checkpoint_bf16: bool,
@@ -220,8 +223,11 @@ pub struct Plan {
     /// Tiles are in latents.
     pub decode: StagePlan<Tiling>,
     pub keep: Keep,
-    /// The most bytes one attention call's scores may take.
+    /// The most bytes one attention call's scores may take (when `flash` is `None`).
     pub attention_scores_bytes: u64,
+    /// Joint attention as burn's accelerated flash kernel on these f16 tiles: one call, no
+    /// scores, no head groups.
+    pub flash: Option<FlashTiles>,
     /// The largest buffer the adapter allows (the feed-forward runs on token chunks below it).
     pub max_buffer_bytes: Option<u64>,
     pub warnings: Vec<String>,
@@ -238,6 +244,7 @@ impl Plan {
         AttentionLimits {
             max_scores_bytes: self.attention_scores_bytes,
             max_buffer_bytes: self.max_buffer_bytes.unwrap_or(u64::MAX),
+            flash: self.flash,
         }
     }
 
@@ -247,7 +254,13 @@ impl Plan {
         let mut s = String::new();
         s += &format!("weights     {}: {}\n", self.storage, self.storage_reason);
         s += &format!("budget      {} ({})\n", human(self.budget.bytes), self.budget.source);
-        s += &format!("attention   at most {} of scores per call\n", human(self.attention_scores_bytes));
+        s += &match self.flash {
+            Some(t) => format!(
+                "attention   flash on f16 tiles with f32 sums (heads padded to {}, queries to {}): no score matrix, no head groups\n",
+                t.head, t.rows
+            ),
+            None => format!("attention   at most {} of scores per call\n", human(self.attention_scores_bytes)),
+        };
         let k = &self.keep;
         let kept: Vec<&str> = [(k.text, "text encoder"), (k.image_encoder, "VAE encoder"), (k.transformer, "transformer"), (k.vae, "VAE decoder")]
             .into_iter()
@@ -338,12 +351,16 @@ fn attention_caps(input: &PlanInput, tokens: usize) -> Vec<u64> {
 /// DiT activations at the peak of a block: the token streams and their norms, q/k/v and the
 /// attention output (about ten `[N, T, D]` tensors), the feed-forward's inner tensor and its
 /// activation (two `[N, chunk, F]`, chunked below the largest buffer), and one head group's
-/// scores and softmax (f32).
+/// scores and softmax (f32), or with flash on f16 tiles the padded q, k, v and output instead.
 fn dit_activations(c: &DitConfig, n: usize, tokens: usize, dtype: DType, attn: &AttentionLimits) -> u64 {
     let d = c.inner_dim();
     let s = dtype.size() as u64;
     let stream = n as u64 * tokens as u64 * d as u64 * s;
     let inner = (n as u64 * tokens as u64 * 4 * d as u64 * s).min(attn.max_buffer_bytes);
+    if let Some(t) = attn.flash {
+        let padded = (n * c.num_attention_heads * tokens.next_multiple_of(t.rows) * c.attention_head_dim.next_multiple_of(t.head) * 4) as u64;
+        return stream * 10 + inner * 2 + 4 * padded;
+    }
     let per_head = (tokens * tokens * 4) as u64;
     let scores = if (n as u64) * per_head > attn.max_scores_bytes {
         per_head
@@ -426,6 +443,7 @@ pub fn make(input: &PlanInput) -> Plan {
         decode,
         keep,
         attention_scores_bytes: attn.max_scores_bytes,
+        flash: attn.flash,
         max_buffer_bytes: input.max_binding,
         warnings,
     }
@@ -481,7 +499,7 @@ fn plan_denoise(input: &PlanInput, storage: WeightStorage) -> (StagePlan<Residen
     let caps = attention_caps(input, tokens);
     // The largest attention cap that fits with these weights (the smallest if none does).
     let fit = |weights: u64| {
-        let limits = |cap| AttentionLimits { max_scores_bytes: cap, max_buffer_bytes: max_buffer };
+        let limits = |cap| AttentionLimits { max_scores_bytes: cap, max_buffer_bytes: max_buffer, flash: input.flash };
         let found = caps.iter().map(|&cap| limits(cap)).find(|l| weights + dit_activations(dit, n, tokens, input.compute, l) <= budget);
         let l = found.unwrap_or_else(|| limits(*caps.last().expect("at least one cap")));
         (found.is_some(), l, dit_activations(dit, n, tokens, input.compute, &l))
@@ -601,6 +619,7 @@ mod tests {
             text_len: 224,
             compute: DType::F32,
             bf16_products: false,
+            flash: None,
             weights: WeightsChoice::Auto,
             checkpoint_bf16: true,
             caps,
@@ -616,7 +635,7 @@ mod tests {
     #[test]
     fn components_stay_loaded_while_the_budget_allows() {
         let all = DtypeSupport { storage: true, arithmetic: true, accelerated: false };
-        let caps = Capabilities { compiler: Compiler::Native, f32: all, f16: all, bf16: all, bf16_products: false };
+        let caps = Capabilities { compiler: Compiler::Native, f32: all, f16: all, bf16: all, bf16_products: false, flash_tiles: None };
         let configs = Configs::cogview3_plus_3b();
         let roomy = real(1 << 40, true, true, &caps, &configs);
         assert_eq!(roomy.keep, Keep { text: true, transformer: true, vae: true, image_encoder: true });
@@ -639,7 +658,7 @@ mod tests {
     #[test]
     fn the_cpu_widens_at_load_when_the_f32_transformer_fits() {
         let all = DtypeSupport { storage: true, arithmetic: true, accelerated: false };
-        let cpu = Capabilities { compiler: Compiler::Native, f32: all, f16: all, bf16: all, bf16_products: false };
+        let cpu = Capabilities { compiler: Compiler::Native, f32: all, f16: all, bf16: all, bf16_products: false, flash_tiles: None };
         let configs = Configs::cogview3_plus_3b();
         let roomy = real(1 << 40, false, false, &cpu, &configs);
         assert_eq!((roomy.storage, roomy.denoise.mode), (WeightStorage::Compute, Residency::Resident), "{}", roomy.storage_reason);
@@ -657,7 +676,7 @@ mod tests {
     fn bf16_products_keep_matrices_bf16() {
         let (store, none) = (DtypeSupport { storage: true, arithmetic: false, accelerated: true }, DtypeSupport::default());
         let all = DtypeSupport { storage: true, arithmetic: true, accelerated: false };
-        let caps = Capabilities { compiler: Compiler::Spirv, f32: all, f16: none, bf16: store, bf16_products: true };
+        let caps = Capabilities { compiler: Compiler::Spirv, f32: all, f16: none, bf16: store, bf16_products: true, flash_tiles: None };
         let configs = Configs::cogview3_plus_3b();
         let widened = make(&input(1 << 40, false, false, &caps, &configs));
         assert_eq!(widened.storage, WeightStorage::Bf16);
@@ -671,6 +690,29 @@ mod tests {
             assert_eq!(plan.text_storage(), WeightStorage::Bf16Products);
             assert!(plan.text.peak_bytes < widened.text.peak_bytes);
         }
+    }
+
+    /// With flash attention on f16 tiles the transformer's stage holds no score matrix: at
+    /// 1024² with guidance its activations are below the head-grouped plan's (1 GiB of scores
+    /// and their softmax), and the dry run says so.
+    #[test]
+    fn flash_attention_holds_no_scores() {
+        let (store, none) = (DtypeSupport { storage: true, arithmetic: false, accelerated: true }, DtypeSupport::default());
+        let all = DtypeSupport { storage: true, arithmetic: true, accelerated: false };
+        let tiles = FlashTiles { head: 16, rows: 128 };
+        let caps = Capabilities { compiler: Compiler::Spirv, f32: all, f16: none, bf16: store, bf16_products: true, flash_tiles: Some(tiles) };
+        let configs = Configs::cogview3_plus_3b();
+        let grouped = make(&PlanInput { bf16_products: true, ..input(1 << 40, false, false, &caps, &configs) });
+        let flash = make(&PlanInput { bf16_products: true, flash: Some(tiles), ..input(1 << 40, false, false, &caps, &configs) });
+        assert_eq!((grouped.attention().flash, flash.attention().flash), (None, Some(tiles)));
+        assert!(
+            flash.denoise.activation_bytes + (1 << 30) < grouped.denoise.activation_bytes,
+            "{} vs {}",
+            flash.denoise.activation_bytes,
+            grouped.denoise.activation_bytes
+        );
+        assert!(flash.report().contains("no score matrix, no head groups"), "{}", flash.report());
+        assert!(grouped.report().contains("of scores per call"), "{}", grouped.report());
     }
 
     #[test]

@@ -18,6 +18,7 @@
 use std::fmt;
 
 use burn::tensor::Device;
+use cogview_shaders::flash::FlashTiles;
 use serde::Serialize;
 
 use crate::device::{AdapterInfo, AdapterType, Capabilities};
@@ -96,6 +97,9 @@ pub struct PrecisionDecision {
     /// The dtype the linear layers' matrix products read: `dtype`, or bf16 (summed in f32) when
     /// `dtype` is f32 on an adapter whose matrix hardware multiplies bf16.
     pub matmul: ComputeDtype,
+    /// Joint attention on the adapter's f16 cooperative matrices (f32 sums), padded to these
+    /// tiles: with bf16 products where the adapter has them, else `None` (exact f32 attention).
+    pub flash: Option<FlashTiles>,
     pub reason: String,
     pub warnings: Vec<String>,
     /// The reduced-precision self-test, when one ran.
@@ -105,7 +109,7 @@ pub struct PrecisionDecision {
 impl PrecisionDecision {
     /// A decision made without a device (tests, tools): `requested` computing in `dtype`.
     pub fn fixed(requested: Precision, dtype: ComputeDtype) -> Self {
-        Self { requested, dtype, matmul: dtype, reason: format!("{dtype} was given"), warnings: vec![], self_test: None }
+        Self { requested, dtype, matmul: dtype, flash: None, reason: format!("{dtype} was given"), warnings: vec![], self_test: None }
     }
 
     /// f32 with the linear layers' matrix products in bf16 (f32 sums).
@@ -113,10 +117,14 @@ impl PrecisionDecision {
         self.dtype == ComputeDtype::F32 && self.matmul == ComputeDtype::Bf16
     }
 
-    /// `f32`, `bf16`, or `f32, bf16 matrix products`: what `cogview devices` and PNG metadata
-    /// show.
+    /// `f32`, `bf16`, `f32, bf16 matrix products` or `f32, bf16 matrix products, f16-tile
+    /// attention`: what `cogview devices` and PNG metadata show.
     pub fn summary(&self) -> String {
-        if self.bf16_products() { format!("{}, bf16 matrix products", self.dtype) } else { self.dtype.to_string() }
+        match (self.bf16_products(), self.flash.is_some()) {
+            (true, true) => format!("{}, bf16 matrix products, f16-tile attention", self.dtype),
+            (true, false) => format!("{}, bf16 matrix products", self.dtype),
+            _ => self.dtype.to_string(),
+        }
     }
 }
 
@@ -135,7 +143,7 @@ pub fn decide(
 ) -> Result<PrecisionDecision, PrecisionError> {
     let cpu_backend = adapter_type == AdapterType::CpuBackend;
     let ok = |dtype, reason: String, warnings: Vec<String>| {
-        Ok(PrecisionDecision { requested, dtype, matmul: dtype, reason, warnings, self_test: None })
+        Ok(PrecisionDecision { requested, dtype, matmul: dtype, flash: None, reason, warnings, self_test: None })
     };
     // The matrix hardware needs its inputs stored as bf16; the CPU backend never has it.
     let products = caps.bf16_products && caps.bf16.storage && !cpu_backend;
@@ -144,6 +152,7 @@ pub fn decide(
             requested,
             dtype: ComputeDtype::F32,
             matmul: ComputeDtype::Bf16,
+            flash: caps.flash_tiles,
             reason,
             warnings: vec![],
             self_test: None,
@@ -221,7 +230,22 @@ pub fn decide_on_device(
     } else {
         selftest::run(device, decision.dtype)
     };
-    apply_self_test(decision, report, &adapter.label())
+    let mut decision = apply_self_test(decision, report, &adapter.label())?;
+    if let Some(tiles) = decision.flash {
+        // The attention kernel is a second kernel on the matrix hardware: one that fails its
+        // own test costs only itself (exact f32 attention), not the products.
+        let report = selftest::run_flash(device, tiles);
+        if !report.passed {
+            decision.warnings.push(format!(
+                "{} claims f16 cooperative matrices but failed the attention self-test (error {:.3e} > {:.1e}): exact f32 attention",
+                adapter.label(),
+                report.error,
+                report.tolerance
+            ));
+            decision.flash = None;
+        }
+    }
+    Ok(decision)
 }
 
 /// Takes a self-test's verdict into a reduced-precision decision.
@@ -244,6 +268,7 @@ fn apply_self_test(
         decision.reason = failed;
         decision.dtype = ComputeDtype::F32;
         decision.matmul = ComputeDtype::F32;
+        decision.flash = None;
         return Ok(decision);
     }
     Err(PrecisionError::SelfTestFailed {
@@ -287,17 +312,19 @@ mod tests {
         for f16 in all_supports() {
             for bf16 in all_supports() {
                 for bf16_products in [false, true] {
-                    for t in TYPES {
-                        let caps = Capabilities { compiler: Compiler::Wgsl, f32: full, f16, bf16, bf16_products };
-                        for req in Precision::ALL {
-                            cases += 1;
-                            check(req, t, &caps, decide(req, "Card", t, &caps));
+                    for flash_tiles in [None, Some(FlashTiles { head: 16, rows: 128 })] {
+                        for t in TYPES {
+                            let caps = Capabilities { compiler: Compiler::Wgsl, f32: full, f16, bf16, bf16_products, flash_tiles };
+                            for req in Precision::ALL {
+                                cases += 1;
+                                check(req, t, &caps, decide(req, "Card", t, &caps));
+                            }
                         }
                     }
                 }
             }
         }
-        assert_eq!(cases, 8 * 8 * 2 * 6 * 4);
+        assert_eq!(cases, 8 * 8 * 2 * 2 * 6 * 4);
     }
 
     /// What the policy must give for one request on one adapter.
@@ -307,6 +334,10 @@ mod tests {
         // bf16 products need the matrix hardware and bf16 buffers for its inputs, on a GPU.
         let products = caps.bf16_products && bf16.storage && !cpu;
         let native_bf16 = bf16.arithmetic && !cpu;
+        // Attention on f16 tiles comes with bf16 products only (never with exact f32 or bf16).
+        if let Ok(d) = &got {
+            assert_eq!(d.flash, if d.bf16_products() { caps.flash_tiles } else { None }, "{req:?} {t:?} {caps:?}");
+        }
         match req {
             Precision::F32 => {
                 let d = got.unwrap();
@@ -377,6 +408,7 @@ mod tests {
             f16: DtypeSupport { storage: true, arithmetic: true, accelerated: false },
             bf16: DtypeSupport { storage: true, arithmetic: true, accelerated: true },
             bf16_products: true,
+            flash_tiles: Some(FlashTiles { head: 16, rows: 128 }),
         };
         let auto = decide(Precision::Auto, "Card", AdapterType::IntegratedGpu, &caps).unwrap();
         let passed = apply_self_test(auto.clone(), report(true), "Card").unwrap();
@@ -397,10 +429,11 @@ mod tests {
         };
         let auto = decide(Precision::Auto, "Card", AdapterType::DiscreteGpu, &vulkan).unwrap();
         assert!(auto.bf16_products(), "{auto:?}");
-        assert_eq!(auto.summary(), "f32, bf16 matrix products");
+        assert_eq!(auto.summary(), "f32, bf16 matrix products, f16-tile attention");
+        assert_eq!(PrecisionDecision { flash: None, ..auto.clone() }.summary(), "f32, bf16 matrix products");
         let products_failed = SelfTestReport { what: "bf16 matrix products with f32 sums".into(), ..report(false) };
         let failed = apply_self_test(auto, products_failed, "Card").unwrap();
-        assert_eq!((failed.dtype, failed.matmul), (ComputeDtype::F32, ComputeDtype::F32));
+        assert_eq!((failed.dtype, failed.matmul, failed.flash), (ComputeDtype::F32, ComputeDtype::F32, None));
         assert!(failed.reason.contains("bf16 matrix products"), "{}", failed.reason);
         assert_eq!(failed.summary(), "f32");
     }

@@ -1,13 +1,14 @@
 //! The dtype self-test: before a reduced precision is trusted on a device, a small fixed matmul
 //! and softmax run in that dtype there and are compared with an f64 CPU reference. For bf16
 //! matrix products in an f32 model ([`run_bf16_products`]), the product kernel the linear layers
-//! use runs instead.
+//! use runs instead, and the attention on f16 tiles that comes with them ([`run_flash`]).
 //!
 //! Inputs are rounded to the dtype on the host first, so the reference and the device start
 //! from the same numbers and the error measures the device's arithmetic alone.
 
 use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use cogview_shaders::flash::FlashTiles;
 use serde::Serialize;
 
 use crate::dtype::ComputeDtype;
@@ -145,6 +146,59 @@ pub fn run_bf16_products(device: &Device) -> SelfTestReport {
     }
 }
 
+/// The transformer's attention at head size 40 on f16 tiles with f32 sums: inputs rounded to
+/// f16 (2^-11 relative) move a score `q·k/√40` of normalised q and k by at most
+/// `2 · 2^-11 · √40` = 6.2e-3, each softmax weight by twice that relative, and the output (a
+/// weighted mean of v) by at most 1.3e-2 of v's largest magnitude with the rounding of v
+/// itself. Garbage from a broken driver is O(1).
+const FLASH_TOLERANCE: f64 = 2e-2;
+/// Attention self-test shape: heads, tokens, head size (the transformer's).
+const FLASH_HEADS: usize = 2;
+const FLASH_TOKENS: usize = 40;
+const FLASH_HEAD_DIM: usize = 40;
+
+/// Runs the transformer's attention on f16 tiles (`cogview_shaders::flash`) on `device` against
+/// an f64 reference: q and k normalised per head as the transformer's are, v in [-3, 3].
+pub fn run_flash(device: &Device, tiles: FlashTiles) -> SelfTestReport {
+    let (h, t, d) = (FLASH_HEADS, FLASH_TOKENS, FLASH_HEAD_DIM);
+    let rows = |seed: f64| -> Vec<f32> {
+        let raw: Vec<f64> = (0..h * t * d).map(|i| (i as f64 * 0.618 + seed).sin() * (i as f64 * 0.071 + seed).cos()).collect();
+        raw.chunks(d)
+            .flat_map(|r| {
+                let mean = r.iter().sum::<f64>() / d as f64;
+                let sd = (r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / d as f64 + 1e-6).sqrt();
+                r.iter().map(move |x| ((x - mean) / sd) as f32)
+            })
+            .collect()
+    };
+    let (q, k) = (rows(0.3), rows(1.9));
+    let v: Vec<f32> = (0..h * t * d).map(|i| ((i as f32) * 0.37 + 2.7).sin() * 3.0).collect();
+    let mut want = vec![0f64; h * t * d];
+    for head in 0..h {
+        let at = |x: &[f32], row: usize, col: usize| x[(head * t + row) * d + col] as f64;
+        for i in 0..t {
+            let scores: Vec<f64> = (0..t).map(|j| (0..d).map(|c| at(&q, i, c) * at(&k, j, c)).sum::<f64>() / (d as f64).sqrt()).collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = weights.iter().sum();
+            for c in 0..d {
+                want[(head * t + i) * d + c] = (0..t).map(|j| weights[j] * at(&v, j, c)).sum::<f64>() / sum;
+            }
+        }
+    }
+    let tensor = |x: Vec<f32>| Tensor::<4>::from_data(TensorData::new(x, [1, h, t, d]), (device, DType::F32));
+    let got = cogview_shaders::flash::attention(tensor(q), tensor(k), tensor(v), tiles);
+    let got: Vec<f64> = got.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default().into_iter().map(f64::from).collect();
+    let error = max_error(&got, &want, largest(&want));
+    SelfTestReport {
+        dtype: ComputeDtype::F16,
+        what: "attention on f16 tiles with f32 sums".into(),
+        error,
+        tolerance: FLASH_TOLERANCE,
+        passed: error <= FLASH_TOLERANCE,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +219,9 @@ mod tests {
         // the f32 product of the unrounded inputs would not be (the inputs are rounded).
         let r = run_bf16_products(&device);
         assert!(r.passed && r.error < 1e-5, "{r:?}");
+        // The emulated f16 tiles round their inputs: inside the tolerance, above f32 rounding.
+        let r = run_flash(&device, FlashTiles { head: 16, rows: 128 });
+        assert!(r.passed && r.error > 1e-5, "{r:?}");
     }
 
     /// The comparison catches what broken drivers return: zeros, NaN, a transposed result,

@@ -68,6 +68,7 @@ pub fn serve(pipeline: Pipeline, options: ServeOptions, ready: impl FnOnce(Socke
         "compiler": t.capabilities.compiler,
         "precision": t.precision.dtype,
         "matmul": t.precision.matmul,
+        "attention": if t.precision.flash.is_some() { "f16 tiles" } else { "f32" },
         "precision_reason": t.precision.reason,
         "auth": options.api_key.is_some(),
     });

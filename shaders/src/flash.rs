@@ -1,0 +1,211 @@
+//! Attention on the matrix hardware at any head size, without the score matrix.
+//!
+//! burn's accelerated flash-attention kernel (cubek-attention's "blackbox accelerated" routine)
+//! tiles `q kᵀ` and `p v` on f16 cooperative matrices with f32 sums, and it launches only when
+//! the tile divides the head size and a stage of query rows (planes × the tile's rows) divides
+//! the sequence. CogView3-Plus has heads of 40 and 4320 tokens at 1024²: neither holds, the
+//! kernel reports an invalid configuration, and burn quietly runs its fallback instead, which
+//! materialises `[N, H, T, T]` f32 scores (4.8 GB per image, past the 2 GiB binding limit), so
+//! the transformer had to split its heads into groups.
+//!
+//! [`attention`] pads the problem to the tiles, which changes nothing but rounding:
+//! - **head size**: q, k and v get zero columns up to a multiple of the tile (40 → 48). Zero
+//!   columns add nothing to `q·k` and give zero output columns, which are cut off. The kernel
+//!   scales by `1/√48`, so q is multiplied by `√(48/40)` first: the scores are `q·k/√40`.
+//! - **query rows**: zero rows up to a multiple of the largest stage burn's autotune tries
+//!   (8 planes); their output rows are cut off. Keys are not padded: the kernel bounds-checks
+//!   them, and a padded key would take a share of every softmax.
+//! - **f16 range**: q and k come out of the transformer's LayerNorm without affine parameters
+//!   (`qk_norm`), so every element of a head has `|x| ≤ √(hd − 1)` (6.2 at 40; 6.8 after the
+//!   `√(48/40)`), far inside f16's 65504, and the score sums are f32. v is not normalised, and
+//!   CogView3-Plus's activations do pass 65504 (why f16 gives black images), so v is divided by
+//!   its largest magnitude before the kernel and the output multiplied back by it: the softmax
+//!   weights are in `[0, 1]` and sum to one, so every f16 operand (v, and the weights) is at
+//!   most 1 and every output at most that largest magnitude. A NaN or an infinity in v makes
+//!   the divisor NaN or infinite, so the output is NaN and the non-finite guard stops the run.
+//!
+//! f16 keeps 11 significant bits (bf16 8), so this is more exact than the bf16 linear products
+//! it runs beside. It is used only with those products ([`FlashTiles`] comes with the precision
+//! decision); the f32 path keeps burn's exact f32 attention.
+//!
+//! On burn's CPU backend the same numbers are emulated: the padded, scaled q, k and v rounded to
+//! f16, then the exact-softmax kernel of [`crate::attention`] in f32. The kernel also rounds the
+//! softmax weights to f16 for `p v` (relative 2^-11 on weights that sum to one), which the
+//! emulation does not. The plain-burn reference is burn's `attention` on the unpadded f32
+//! inputs, [`attention_reference`].
+
+use burn::tensor::module::attention as burn_attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, Device, Tensor};
+use cubecl::ir::{ElemType, FloatKind};
+
+/// The multiples [`attention`] pads to for one adapter's f16 cooperative matrices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FlashTiles {
+    /// Head size (and value size) multiple: the largest tile side along `k` or `n`.
+    pub head: usize,
+    /// Query-row multiple: 8 planes (the most burn's autotune tries) × the largest tile's rows.
+    pub rows: usize,
+}
+
+/// The tiles of `device`'s f16 × f16 → f32 cooperative-matrix configurations, the ones burn's
+/// accelerated flash attention needs; `None` where the driver lists none (and always on burn's
+/// CPU backend).
+pub fn tiles(device: &Device) -> Option<FlashTiles> {
+    let burn::backend::DispatchDevice::Cube(d) = device.as_dispatch() else { return None };
+    let (f16, f32) = (ElemType::Float(FloatKind::F16), ElemType::Float(FloatKind::F32));
+    let client = d.client();
+    let configs: Vec<_> = client.properties().features.matmul.cmma.iter().filter(|c| c.a_type == f16 && c.b_type == f16 && c.cd_type == f32).cloned().collect();
+    // Tile sides are powers of two, so the largest is a multiple of every other.
+    let head = configs.iter().map(|c| c.k.max(c.n)).max()? as usize;
+    let rows = 8 * configs.iter().map(|c| c.m).max()? as usize;
+    Some(FlashTiles { head, rows })
+}
+
+/// `softmax(q kᵀ / √hd) v` per image and head, no mask, on f16 tiles with f32 sums, in one call
+/// (no head groups, no score matrix). For the transformer's normalised q and k (see the module
+/// doc); the output is f32.
+///
+/// # Shapes
+/// - q, k, v: `[N, H, T, hd]` (f32) → `[N, H, T, hd]` (f32)
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, tiles: FlashTiles) -> Tensor<4> {
+    padded(q, k, v, tiles, true)
+}
+
+/// The plain-burn reference for [`attention`]: burn's attention on the unpadded inputs.
+///
+/// # Shapes
+/// - as [`attention`]
+pub fn attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    burn_attention(q, k, v, None, None, AttentionModuleOptions { scale: None, softcap: None, is_causal: false })
+}
+
+/// [`attention`], with the emulation's f16 rounding on burn's CPU backend when `round` (tests
+/// turn it off to check the padding alone, which must then be exact).
+fn padded(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, tiles: FlashTiles, round: bool) -> Tensor<4> {
+    let [n, h, t, hd] = q.dims();
+    let (hd_pad, t_pad) = (hd.next_multiple_of(tiles.head), t.next_multiple_of(tiles.rows));
+    let pad = |x: Tensor<4>, rows: usize| {
+        let [n, h, r, d] = x.dims();
+        let (device, dtype) = (x.device(), x.dtype());
+        let x = if d < hd_pad { Tensor::cat(vec![x, Tensor::zeros([n, h, r, hd_pad - d], (&device, dtype))], 3) } else { x };
+        if r < rows { Tensor::cat(vec![x, Tensor::zeros([n, h, rows - r, hd_pad], (&device, dtype))], 2) } else { x }
+    };
+    // The divisor of v: its largest magnitude (f32's smallest normal for an all-zero v).
+    let v_max = v.clone().abs().max().clamp_min(f32::MIN_POSITIVE).reshape([1, 1, 1, 1]);
+    let q = pad(q.mul_scalar((hd_pad as f64 / hd as f64).sqrt()), t_pad);
+    let k = pad(k, t);
+    let v = pad(v / v_max.clone(), t);
+    let o = match q.device().as_dispatch() {
+        burn::backend::DispatchDevice::Flex(_) => {
+            let f16 = |x: Tensor<4>| if round { x.cast(DType::F16).cast(DType::F32) } else { x };
+            crate::attention::attention(f16(q), f16(k), f16(v), None, 1.0 / (hd_pad as f64).sqrt())
+        }
+        _ => attention_reference(q, k, v),
+    };
+    o.slice([0..n, 0..h, 0..t, 0..hd]) * v_max
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    fn values(t: Tensor<4>) -> Vec<f32> {
+        t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+    }
+
+    /// A LayerNorm (no affine) over each head, as the transformer's q and k get.
+    fn normalised(x: Tensor<4>) -> Tensor<4> {
+        let mean = x.clone().mean_dim(3);
+        let centred = x - mean;
+        let var = centred.clone().square().mean_dim(3);
+        centred / (var + 1e-6).sqrt()
+    }
+
+    /// Smooth values of both signs, `scale` at most.
+    fn tensor(dims: [usize; 4], seed: f32, scale: f32, device: &Device) -> Tensor<4> {
+        let len = dims.iter().product();
+        let v: Vec<f32> = (0..len).map(|i| (i as f32 * 0.618 + seed).sin() * (i as f32 * 0.071 + seed).cos() * scale).collect();
+        Tensor::from_data(TensorData::new(v, dims), device)
+    }
+
+    fn inputs(dims: [usize; 4], v_scale: f32, device: &Device) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        // Scores of a few units, as in the transformer: normalised q and k are √hd long.
+        (normalised(tensor(dims, 0.3, 1.0, device)), normalised(tensor(dims, 1.9, 1.0, device)), tensor(dims, 2.7, v_scale, device))
+    }
+
+    /// The largest difference, relative to the reference's largest magnitude.
+    fn distance(got: &[f32], want: &[f32]) -> f32 {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs())) / scale
+    }
+
+    /// f32 rounding of the padded problem against the unpadded one: the zero columns add exact
+    /// zeros, the folded scale and v's divisor each round once (2^-24), the softmax sums 70 keys.
+    const PADDING_TOL: f32 = 1e-5;
+
+    /// f16 inputs (relative rounding 2^-11 = 4.9e-4 each). A score `q·k/√hd` with `|q| = |k| =
+    /// √hd` moves by at most `2 · 2^-11 · √hd` (3.1e-3 at hd 40), which moves each softmax
+    /// weight by at most twice that, relative: the output, a weighted mean of v, by at most
+    /// `4 · 2^-11 · √hd + 2^-11` of v's largest magnitude = 1.3e-2 at hd 40. Rounded up to 2e-2.
+    /// (Measured: about 2e-4; the bound adds every rounding with one sign.)
+    const F16_TILES_TOL: f32 = 2e-2;
+
+    /// Padding alone (no f16 rounding) is exact: head sizes that are and are not multiples of
+    /// the tile, token counts that are and are not multiples of the stage, one and two images.
+    #[test]
+    fn padding_changes_nothing() {
+        let device = Device::flex();
+        let tiles = FlashTiles { head: 16, rows: 32 };
+        for dims in [[1, 2, 70, 40], [2, 3, 32, 16], [1, 1, 5, 8]] {
+            let (q, k, v) = inputs(dims, 3.0, &device);
+            let want = values(attention_reference(q.clone(), k.clone(), v.clone()));
+            let got = padded(q, k, v, tiles, false);
+            assert_eq!(got.dims(), dims);
+            let err = distance(&values(got), &want);
+            assert!(err <= PADDING_TOL, "{dims:?}: {err:.2e}");
+        }
+    }
+
+    /// The emulated f16 tiles: within the derived tolerance of the f32 reference, and really
+    /// rounded (farther from it than f32 rounding).
+    #[test]
+    fn f16_tiles_match_the_reference() {
+        let device = Device::flex();
+        let tiles = FlashTiles { head: 16, rows: 128 };
+        let (q, k, v) = inputs([2, 4, 300, 40], 3.0, &device);
+        let want = values(attention_reference(q.clone(), k.clone(), v.clone()));
+        let err = distance(&values(attention(q, k, v, tiles)), &want);
+        assert!(err <= F16_TILES_TOL && err > PADDING_TOL, "{err:.2e}");
+    }
+
+    /// Values past f16's range (1e6) are scaled into it: the output is finite and as exact as
+    /// at any other scale; unscaled, the same values round to infinity in f16.
+    #[test]
+    fn values_past_the_f16_range_stay_finite() {
+        let device = Device::flex();
+        let tiles = FlashTiles { head: 16, rows: 32 };
+        let (q, k, v) = inputs([1, 2, 40, 40], 1e6, &device);
+        assert!(values(v.clone().cast(DType::F16).cast(DType::F32)).iter().any(|x| x.is_infinite()), "the test's v must overflow f16");
+        let want = values(attention_reference(q.clone(), k.clone(), v.clone()));
+        let got = values(attention(q, k, v, tiles));
+        assert!(got.iter().all(|x| x.is_finite()));
+        let err = distance(&got, &want);
+        assert!(err <= F16_TILES_TOL, "{err:.2e}");
+    }
+
+    /// A NaN in v reaches the output (the guard downstream must see it), and an all-zero v gives
+    /// zeros (the divisor is never zero).
+    #[test]
+    fn nan_spreads_and_zero_stays_zero() {
+        let device = Device::flex();
+        let tiles = FlashTiles { head: 16, rows: 32 };
+        let (q, k, v) = inputs([1, 1, 8, 8], 1.0, &device);
+        let mut raw = values(v.clone());
+        raw[5] = f32::NAN;
+        let v_nan = Tensor::from_data(TensorData::new(raw, [1, 1, 8, 8]), &device);
+        assert!(values(attention(q.clone(), k.clone(), v_nan, tiles)).iter().any(|x| x.is_nan()));
+        assert!(values(attention(q, k, v.zeros_like(), tiles)).iter().all(|&x| x == 0.0));
+    }
+}
