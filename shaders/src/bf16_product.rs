@@ -1,5 +1,6 @@
-//! Linear layers as matrix products with bf16 inputs and f32 accumulation: the matrix hardware
-//! (tensor cores, cooperative matrices) of adapters that have no general bf16 arithmetic.
+//! Linear layers and stride-1 convolutions as matrix products with bf16 inputs and f32
+//! accumulation: the matrix hardware (tensor cores, cooperative matrices) of adapters that have
+//! no general bf16 arithmetic.
 //!
 //! Vulkan lists bf16 × bf16 → f32 cooperative-matrix configurations (VK_KHR_cooperative_matrix
 //! with VK_KHR_shader_bfloat16) on adapters where burn's `supports_dtype(BF16)` is false, and f32
@@ -94,6 +95,63 @@ pub fn bf16_linear_reference(x: Tensor<2>, weight: Tensor<2>, bias: Option<Tenso
     crate::burn_linear(round(x), round(weight).transpose(), bias.map(|b| b.cast(DType::F32)))
 }
 
+/// A stride-1 convolution with `x` and `weight` rounded to bf16 and the sums in f32, as one
+/// [`bf16_linear`] per kernel tap: the matrix hardware's products instead of a convolution
+/// kernel in f32 (which has no matrix hardware on Vulkan).
+///
+/// The input goes channels-last and zero-padded once; each tap `(i, j)` is then the window of
+/// it shifted by `(i, j)`, a `[N·H'·W', C_in]` matrix, times the kernel's `[C_out, C_in]` slice
+/// at that tap. The k² products are summed in f32 (the order of the sums differs from a direct
+/// convolution's, not their terms: each term, a product of two bf16 values, is exact in f32).
+/// The kernel is sliced in f32 and each slice rounded back to bf16, which is exact.
+///
+/// # Shapes
+/// - x: `[N, C_in, H, W]` (f32), weight: `[C_out, C_in, kh, kw]` (bf16 on a GPU), bias:
+///   `[C_out]`, padding `[ph, pw]` on each side → `[N, C_out, H + 2ph - kh + 1, W + 2pw - kw + 1]`
+///   (f32)
+pub fn bf16_conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, padding: [usize; 2]) -> Tensor<4> {
+    let [n, c_in, h, w] = x.dims();
+    let [c_out, _, kh, kw] = weight.dims();
+    let [ph, pw] = padding;
+    let (ho, wo) = (h + 2 * ph + 1 - kh, w + 2 * pw + 1 - kw);
+    let x = x.permute([0, 2, 3, 1]); // [N, H, W, C_in]
+    let x = if ph > 0 || pw > 0 {
+        let (device, dtype) = (x.device(), x.dtype());
+        let side = Tensor::zeros([n, h, pw, c_in], (&device, dtype));
+        let x = Tensor::cat(vec![side.clone(), x, side], 2);
+        let row = Tensor::zeros([n, ph, w + 2 * pw, c_in], (&device, dtype));
+        Tensor::cat(vec![row.clone(), x, row], 1)
+    } else {
+        x
+    };
+    let kernel = weight.cast(DType::F32);
+    let on_cpu = matches!(x.device().as_dispatch(), burn::backend::DispatchDevice::Flex(_));
+    let mut y: Option<Tensor<2>> = None;
+    for i in 0..kh {
+        for j in 0..kw {
+            let tap = x.clone().slice([0..n, i..i + ho, j..j + wo, 0..c_in]).reshape([n * ho * wo, c_in]);
+            let at = kernel.clone().slice([0..c_out, 0..c_in, i..i + 1, j..j + 1]).reshape([c_out, c_in]);
+            let p = bf16_linear(tap, if on_cpu { at } else { at.cast(DType::BF16) }, None);
+            y = Some(match y {
+                Some(sum) => sum + p,
+                None => p,
+            });
+        }
+    }
+    let y = y.expect("a kernel has at least one tap") + bias.cast(DType::F32).unsqueeze();
+    y.reshape([n, ho, wo, c_out]).permute([0, 3, 1, 2])
+}
+
+/// The plain-burn reference for [`bf16_conv2d`]: the same roundings, then burn's f32 `conv2d`.
+///
+/// # Shapes
+/// - as [`bf16_conv2d`]
+pub fn bf16_conv2d_reference(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, padding: [usize; 2]) -> Tensor<4> {
+    let round = |t: Tensor<4>| t.cast(DType::BF16).cast(DType::F32);
+    let options = burn::tensor::ops::ConvOptions::new([1, 1], padding, [1, 1], 1);
+    burn::tensor::module::conv2d(round(x), round(weight), Some(bias.cast(DType::F32)), options)
+}
+
 #[backend_extension(Cube, Fusion)]
 pub trait Bf16ProductOps: Backend {
     /// `x · weightᵀ`: `x` f32 `[rows, d_in]`, `weight` bf16 `[d_out, d_in]`, output f32;
@@ -182,6 +240,35 @@ mod tests {
         let err = |a: &[f32]| a.iter().zip(&exact).fold(0f64, |m, (g, r)| m.max((*g as f64 - r).abs())) / scale;
         assert!(err(&got) <= EMULATION_TOL as f64, "against the f64 product of the rounded inputs: {:.2e}", err(&got));
         assert!(err(&f32_product) > 1e-3, "the f32 product is within {:.2e}: the inputs were not rounded", err(&f32_product));
+    }
+
+    /// The convolution as tap products against burn's convolution of the same rounded values:
+    /// 3×3 "same" (the VAE's), 1×1 (its shortcuts), an unpadded 3×3, non-square inputs; with a
+    /// bf16 kernel as on a GPU. Each output sums `C_in · k²` exact products in f32 in another
+    /// order than burn's: at most 72 roundings of 2^-24 here, well inside [`EMULATION_TOL`]; and
+    /// the rounding shows (the f32 convolution of the unrounded values is farther off).
+    #[test]
+    fn conv_taps_match_the_reference() {
+        let device = Device::flex();
+        let data = |t: Tensor<4>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        for (c_in, c_out, k, pad, h, w) in [(8, 6, 3, 1, 5, 7), (8, 6, 1, 0, 4, 4), (4, 3, 3, 0, 6, 5)] {
+            let x = matrix(2 * c_in, h * w, 0.3, &device).reshape([2, c_in, h, w]);
+            let weight = matrix(c_out, c_in * k * k, 1.7, &device).reshape([c_out, c_in, k, k]);
+            let bias = matrix(1, c_out, 2.9, &device).reshape([c_out]);
+            let want = bf16_conv2d_reference(x.clone(), weight.clone(), bias.clone(), [pad, pad]);
+            let dims = want.dims();
+            let want = data(want);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = |got: Tensor<4>| {
+                assert_eq!(got.dims(), dims);
+                data(got).iter().zip(&want).fold(0f32, |m, (g, r)| m.max((g - r).abs())) / scale
+            };
+            let got = err(bf16_conv2d(x.clone(), weight.clone().cast(DType::BF16), bias.clone(), [pad, pad]));
+            assert!(got <= EMULATION_TOL, "{c_in}→{c_out}, k {k}, pad {pad}: {got:.2e}");
+            let options = burn::tensor::ops::ConvOptions::new([1, 1], [pad, pad], [1, 1], 1);
+            let f32_conv = err(burn::tensor::module::conv2d(x, weight, Some(bias), options));
+            assert!(f32_conv > 1e-3, "the f32 convolution is within {f32_conv:.2e}: the inputs were not rounded");
+        }
     }
 
     /// A NaN in the input reaches the output (the non-finite guard downstream must see it).

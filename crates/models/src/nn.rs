@@ -111,6 +111,15 @@ impl Conv2d {
     /// # Shapes
     /// - x: `[N, C_in, H, W]` → `[N, C_out, H', W']`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        // A kernel kept for bf16 products: one product per tap where the conv has stride 1 and
+        // the same padding on both sides (all of the decoder's); the encoder's downsampling
+        // conv widens it instead.
+        if let Weight::Bf16Products { stored, .. } = &self.weight {
+            let [(top, bottom), (left, right)] = self.options.padding;
+            if self.options.stride == [1, 1] && self.options.dilation == [1, 1] && top == bottom && left == right {
+                return bf16_product::bf16_conv2d(x, stored.clone(), self.bias.clone(), [top, left]);
+            }
+        }
         let weight = self.weight.get();
         let x = x.cast(weight.dtype());
         // burn's CPU backend convolves through im2col at about half its matrix-product speed;
@@ -413,7 +422,7 @@ mod tests {
 
     /// A matrix kept for bf16 products goes to that kernel, whole or in blocks of rows (the
     /// same numbers: each output feature is one row's product), with its bias; a conv kernel
-    /// kept that way is a bf16 tensor cast at use.
+    /// kept that way is a bf16 tensor too.
     #[test]
     fn bf16_products_linear_is_the_kernels_reference() {
         use burn::tensor::Distribution;
@@ -434,7 +443,33 @@ mod tests {
         let f32_linear = Linear { weight: Weight::Dense(w), bias: Some(b) }.forward(x);
         assert!(max_diff(f32_linear, want) > 1e-3, "the bf16 products must differ from the f32 product");
         let kernel = Weight::<4>::store(TensorData::new(vec![1.5f32; 16], [1, 1, 4, 4]), WeightStorage::Bf16Products, DType::F32, &device);
-        assert!(matches!(kernel, Weight::Bf16 { .. }), "{kernel:?}");
+        assert!(matches!(&kernel, Weight::Bf16Products { stored, .. } if stored.dtype() == DType::BF16), "{kernel:?}");
+    }
+
+    /// A conv kernel kept for bf16 products: the VAE's stride-1 convolutions (3×3 same, 1×1) run
+    /// as the tap products of `bf16_conv2d` (its reference's numbers), and the encoder's
+    /// stride-2 downsampling widens the kernel instead (f32 input, bf16-rounded kernel).
+    #[test]
+    fn bf16_products_conv_is_the_kernels_reference() {
+        use burn::tensor::Distribution;
+        let device = Device::flex();
+        let x = Tensor::<4>::random([1, 6, 5, 7], Distribution::Uniform(-1.0, 1.0), &device);
+        let bias = Tensor::<1>::random([4], Distribution::Uniform(-1.0, 1.0), &device);
+        for k in [3, 1] {
+            let w = Tensor::<4>::random([4, 6, k, k], Distribution::Uniform(-1.0, 1.0), &device);
+            let weight = Weight::store(w.to_data(), WeightStorage::Bf16Products, DType::F32, &device);
+            let conv = Conv2d { weight, bias: bias.clone(), options: ConvOptions::new([1, 1], [k / 2, k / 2], [1, 1], 1) };
+            let want = bf16_product::bf16_conv2d_reference(x.clone(), w, bias.clone(), [k / 2, k / 2]);
+            let err = max_diff(conv.forward(x.clone()), want);
+            assert!(err <= KERNEL_TOL, "k {k}: {err}");
+        }
+        let w = Tensor::<4>::random([6, 6, 3, 3], Distribution::Uniform(-1.0, 1.0), &device);
+        let options = ConvOptions::new_with_padding([2, 2], [(0, 1), (0, 1)], [1, 1], 1);
+        let bias = Tensor::<1>::random([6], Distribution::Uniform(-1.0, 1.0), &device);
+        let weight = Weight::store(w.to_data(), WeightStorage::Bf16Products, DType::F32, &device);
+        let down = Conv2d { weight, bias: bias.clone(), options: options.clone() };
+        let want = conv2d(x.clone(), w.cast(DType::BF16).cast(DType::F32), Some(bias), options);
+        assert!(max_diff(down.forward(x), want) <= KERNEL_TOL);
     }
 
     /// bf16 storage keeps 8 significant bits (rounding to nearest, ties to even) and widens back

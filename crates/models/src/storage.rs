@@ -62,7 +62,8 @@ pub enum Weight<const D: usize> {
     Dense(Tensor<D>),
     Bf16 { stored: Tensor<D>, compute: DType },
     Packed { words: Tensor<1, Int>, shape: [usize; D], compute: DType },
-    /// A linear layer's bf16 matrix, multiplied as it is ([`WeightStorage::Bf16Products`]).
+    /// A linear layer's bf16 matrix or a conv kernel, multiplied as it is
+    /// ([`WeightStorage::Bf16Products`]).
     Bf16Products { stored: Tensor<D>, compute: DType },
     /// Blocks of rows (along dim 0), for a weight whose compute-dtype copy would pass the
     /// device's largest buffer (T5-XXL's 168 MB feed-forward matrices on a 128 MiB adapter).
@@ -99,8 +100,10 @@ impl<const D: usize> Weight<D> {
                 Weight::Bf16 { stored: Tensor::from_data(data.convert_dtype(DType::BF16), (device, DType::BF16)), compute }
             }
             WeightStorage::Bf16Products => {
+                // Matrices and conv kernels feed the products; vectors never reach this (they
+                // are stored in the compute dtype).
                 let stored = Tensor::from_data(data.convert_dtype(DType::BF16), (device, DType::BF16));
-                if D == 2 { Weight::Bf16Products { stored, compute } } else { Weight::Bf16 { stored, compute } }
+                Weight::Bf16Products { stored, compute }
             }
             WeightStorage::PackedBf16 => {
                 let data = data.convert_dtype(DType::BF16);

@@ -380,20 +380,24 @@ fn t5_activations(c: &T5Config, len: usize, dtype: DType) -> u64 {
 
 /// VAE decoder activations for a `h`×`w` latent tile, and the largest single tensor: at each
 /// level the input, the norm's output, the conv's output and the residual (four
-/// `[1, C, H, W]`), the upsampled tensor, and the mid block's attention scores (f32).
-fn vae_activations(c: &VaeConfig, h: usize, w: usize, dtype: DType) -> (u64, u64) {
+/// `[1, C, H, W]`, and four more with `products`), the upsampled tensor, and the mid block's
+/// attention scores (f32).
+fn vae_activations(c: &VaeConfig, h: usize, w: usize, dtype: DType, products: bool) -> (u64, u64) {
     let s = dtype.size();
     let reversed: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
+    // Convolutions as bf16 products hold four more of their input's size: the padded
+    // channels-last copy, one tap and its bf16 copy, and one tap's product.
+    let convs = if products { 4 } else { 0 };
     let mut peak = 0u64;
     let mut largest = 0u64;
     let (mut rh, mut rw) = (h, w);
     for (i, &ch) in reversed.iter().enumerate() {
         let level = (ch * rh * rw * s) as u64;
-        let mut here = 4 * level;
+        let mut here = (4 + convs) * level;
         largest = largest.max(level);
         if i + 1 < reversed.len() {
             let up = 4 * level;
-            here = here.max(level + 2 * up);
+            here = here.max(level + (2 + convs) * up);
             largest = largest.max(up);
             rh *= 2;
             rw *= 2;
@@ -522,7 +526,7 @@ fn plan_decode(input: &PlanInput, storage: WeightStorage) -> StagePlan<Tiling> {
     }), storage.bytes_per_value(input.compute), input.compute.size());
     let f = vae.scale_factor();
     let size = (input.height / f, input.width / f);
-    plan_tiles(input, weights, size, &[128, 96, 64, 48, 32, 16, 8], |h, w| vae_activations(vae, h, w, input.compute))
+    plan_tiles(input, weights, size, &[128, 96, 64, 48, 32, 16, 8], |h, w| vae_activations(vae, h, w, input.compute, storage == WeightStorage::Bf16Products))
 }
 
 /// A VAE stage on an `h`×`w` grid: untiled when its `activations` (the stage's, and its
@@ -574,19 +578,21 @@ fn plan_encode_image(input: &PlanInput, storage: WeightStorage) -> StagePlan<Til
         Encoder::load(r, vae);
     }), storage.bytes_per_value(input.compute), input.compute.size());
     let tiles = [1024, 768, 512, 384, 256, 128, 64];
-    plan_tiles(input, weights, (input.height, input.width), &tiles, |h, w| vae_encoder_activations(vae, h, w, input.compute))
+    plan_tiles(input, weights, (input.height, input.width), &tiles, |h, w| vae_encoder_activations(vae, h, w, input.compute, storage == WeightStorage::Bf16Products))
 }
 
 /// VAE encoder activations for an `h`×`w` pixel tile, and the largest single tensor: at each
 /// level the input, the norm's output, the conv's output and the residual (four
 /// `[1, C, H, W]`), and the mid block's attention scores (f32).
-fn vae_encoder_activations(c: &VaeConfig, h: usize, w: usize, dtype: DType) -> (u64, u64) {
+fn vae_encoder_activations(c: &VaeConfig, h: usize, w: usize, dtype: DType, products: bool) -> (u64, u64) {
     let s = dtype.size();
+    // As the decoder's (`vae_activations`): four more with convolutions as bf16 products.
+    let convs = if products { 4 } else { 0 };
     let (mut peak, mut largest) = (0u64, 0u64);
     let (mut rh, mut rw) = (h, w);
     for (i, &ch) in c.block_out_channels.iter().enumerate() {
         let level = (ch * rh * rw * s) as u64;
-        peak = peak.max(4 * level);
+        peak = peak.max((4 + convs) * level);
         largest = largest.max(level);
         if i + 1 < c.block_out_channels.len() {
             rh /= 2;
