@@ -60,7 +60,8 @@ fn bf16_unpacking_kernel_matches_reference() {
 /// Attention padded to f16 tiles (`cogview_shaders::flash`) through burn's attention on
 /// lavapipe, which lists no cooperative matrices, so burn runs f32 kernels there: the padding
 /// (head size 40 → 48, 70 queries → 128), the folded scale and v's divisor must change nothing
-/// but f32 rounding against burn's attention on the unpadded inputs on the CPU backend.
+/// but f32 rounding against burn's attention on the unpadded inputs on the CPU backend. The
+/// exact path (`flash::exact_attention`) likewise.
 #[test]
 fn flash_padding_on_lavapipe() {
     let (_, dev) = lavapipe();
@@ -84,11 +85,16 @@ fn flash_padding_on_lavapipe() {
     let got = values(cogview_shaders::flash::attention(on(&q, &dev), on(&k, &dev), on(&v, &dev), tiles));
     let cpu = Device::flex();
     let want = values(cogview_shaders::flash::attention_reference(on(&q, &cpu), on(&k, &cpu), on(&v, &cpu)));
-    // f32 rounding through two backends' exp and sums over 70 keys, relative to v's scale.
-    assert_close("flash padding on lavapipe", &got, &want, FLASH_PADDING_LAVAPIPE_TOL);
+    assert_close("flash padding on lavapipe", &got, &want, LAVAPIPE_ATTENTION_TOL);
+    // The exact f32 path (burn's unit flash kernel launched directly), whatever the group size
+    // its fallback would use.
+    for group in [1, 2] {
+        let got = values(cogview_shaders::flash::exact_attention(on(&q, &dev), on(&k, &dev), on(&v, &dev), group));
+        assert_close("exact flash on lavapipe", &got, &want, LAVAPIPE_ATTENTION_TOL);
+    }
 }
 
 /// f32 rounding of the same attention on two backends (lavapipe's `exp` is LLVM's vectorised
 /// one, burn-flex's the standard library's; the sums run in different orders): a few ulps per
 /// score, about 1e-6 of the output's scale; 1e-5 leaves room.
-const FLASH_PADDING_LAVAPIPE_TOL: f32 = 1e-5;
+const LAVAPIPE_ATTENTION_TOL: f32 = 1e-5;

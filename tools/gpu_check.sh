@@ -7,8 +7,8 @@
 #  2. Exactness on the tiny fixture: the same image under auto (bf16 products) and f32 on the GPU; the
 #     step latents must agree within the bf16 transformer's tolerance (5e-2 of their scale).
 #  3. The DiT at 1024², 30 blocks, guidance: auto (bf16 products, and attention on f16 tiles where
-#     `devices` says so: one flash call a block, no head groups) and --precision f32 (exact f32
-#     attention in head groups), each with its
+#     `devices` says so: one flash call a block, no head groups) and --precision f32 (exact f32 flash,
+#     burn's unit kernel launched directly), each with its
 #     first step, median step and peak memory (compare with BENCHMARKS.md's diffusers CUDA figures).
 #     Every process uses the kernel cache in /tmp/kc: the first auto run is cold (compiles and tunes),
 #     the second auto run is warm (issue 15: first step <= 1.5x the median step when warm).

@@ -34,10 +34,16 @@
 //! emulation does not. The plain-burn reference is burn's `attention` on the unpadded f32
 //! inputs, [`attention_reference`].
 
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::ops::attention::attention_fallback;
+use burn::backend::{Backend, Dispatch, backend_extension, tensor::FloatTensor};
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{DType, Device, Shape, Slice, Tensor};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::kernel::attention::flash_attention;
 use cubecl::ir::{ElemType, FloatKind};
+use cubek::attention::forward::launch::{BlueprintStrategy, Strategy};
 
 /// The multiples [`attention`] pads to for one adapter's f16 cooperative matrices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -78,6 +84,51 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, tiles: FlashTiles) ->
 /// - as [`attention`]
 pub fn attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     burn_attention(q, k, v, None, None, AttentionModuleOptions { scale: None, softcap: None, is_causal: false })
+}
+
+/// `softmax(q kᵀ / √hd) v` in exact f32 without the score matrix on a GPU: burn's unit flash
+/// kernel (f32 registers and sums, no matrix hardware), launched directly. burn's own attention
+/// tries its accelerated kernel first on an adapter with f16 cooperative matrices, which at head
+/// size 40 cannot launch and silently degrades to the fallback that materialises every head's
+/// scores at once. Where the unit kernel cannot launch either (no plane operations), that
+/// fallback runs here in groups of `group` heads, each group's scores within the caller's
+/// budget.
+///
+/// # Shapes
+/// - q, k, v: `[N, H, T, hd]` (f32) → `[N, H, T, hd]` (f32)
+pub fn exact_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, group: usize) -> Tensor<4> {
+    Tensor::from_dispatch(Dispatch::flash_unit(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), group.max(1)))
+}
+
+#[backend_extension(Cube, Fusion)]
+pub trait FlashUnitOps: Backend {
+    /// Unit flash attention with the default scale and no mask (f32); the fallback in groups
+    /// of `group` heads where it cannot launch.
+    #[fusion(dtype = burn::tensor::DType::F32, shape = Shape::new([q[0], q[1], q[2], v[3]]))]
+    fn flash_unit(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, group: usize) -> FloatTensor<Self>;
+}
+
+impl FlashUnitOps for CubeBackend {
+    fn flash_unit(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, group: usize) -> FloatTensor<Self> {
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
+        let unit = Strategy::Unit(BlueprintStrategy::Inferred(()));
+        match flash_attention(q.clone(), k.clone(), v.clone(), None, None, options, unit) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::debug!("unit flash attention cannot launch ({e:?}): the fallback in groups of {group} heads");
+                let heads = q.meta.shape()[1];
+                let parts = (0..heads)
+                    .step_by(group)
+                    .map(|start| {
+                        let heads = Slice::from(start..(start + group).min(heads));
+                        let cut = |t: &FloatTensor<Self>| Self::float_slice(t.clone(), &[Slice::from(..), heads, Slice::from(..), Slice::from(..)]);
+                        attention_fallback::<Self>(cut(&q), cut(&k), cut(&v), None, None, options)
+                    })
+                    .collect();
+                Self::float_cat(parts, 1)
+            }
+        }
+    }
 }
 
 /// [`attention`], with the emulation's f16 rounding on burn's CPU backend when `round` (tests

@@ -263,14 +263,14 @@ fn clip_f16(x: Tensor<3>) -> Tensor<3> {
 /// attention is burn's accelerated flash kernel on a padded problem
 /// (`cogview_shaders::flash`): one call, no score matrix, no head groups.
 ///
-/// Otherwise burn's attention takes a flash path (no score matrix) when it can; when it cannot
-/// (a kernel config that does not launch silently degrades; at head size 40 it does on any
-/// adapter with f16 cooperative matrices) the fallback materialises `[N, H, T, T]` scores:
-/// 4.8 GB per image at 1024² (64 heads, 4320 tokens), past the 2 GiB binding limit of Vulkan
-/// and DX12. Since a forward cannot tell which path burn took, heads are then processed in
-/// groups whose fallback score matrix fits `max_scores_bytes`: at the real shape with a 1 GiB
-/// budget that is 14 heads a call, 5 calls a block, which costs little when flash is taken and
-/// is what keeps the fallback alive.
+/// Otherwise attention is exact f32 flash, with no score matrix either: cogview's kernel on the
+/// CPU backend, burn's unit flash kernel on a GPU (`cogview_shaders::flash::exact_attention`,
+/// launched directly: burn's own choice would try its accelerated kernel, which at head size 40
+/// silently degrades to the fallback). Where that kernel cannot launch, and for other dtypes,
+/// burn's fallback materialises `[N, H, T, T]` scores: 4.8 GB per image at 1024² (64 heads,
+/// 4320 tokens), past the 2 GiB binding limit of Vulkan and DX12. So heads are then processed
+/// in groups whose score matrix fits `max_scores_bytes`: at the real shape with a 1 GiB budget
+/// that is 14 heads a call, 5 calls a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionLimits {
     pub max_scores_bytes: u64,
@@ -317,6 +317,11 @@ impl AttentionLimits {
             return Tensor::cat(parts, 0);
         }
         let group = self.heads_per_call(n, h, t);
+        if !matches!(q.device().as_dispatch(), burn::backend::DispatchDevice::Flex(_)) && q.dtype() == DType::F32 {
+            // A GPU in f32: exact flash attention, the fallback in these groups only where it
+            // cannot launch.
+            return cogview_shaders::flash::exact_attention(q, k, v, group);
+        }
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
         if group >= h {
             return attention(q, k, v, None, None, options);

@@ -259,7 +259,12 @@ impl Plan {
                 "attention   flash on f16 tiles with f32 sums (heads padded to {}, queries to {}): no score matrix, no head groups\n",
                 t.head, t.rows
             ),
-            None => format!("attention   at most {} of scores per call\n", human(self.attention_scores_bytes)),
+            // The f32 kernels (burn's unit flash on a GPU, cogview's on the CPU) hold no score
+            // matrix either; the budget is for burn's fallback where they cannot launch.
+            None => format!(
+                "attention   exact f32 flash; where it cannot launch, at most {} of scores per call\n",
+                human(self.attention_scores_bytes)
+            ),
         };
         let k = &self.keep;
         let kept: Vec<&str> = [(k.text, "text encoder"), (k.image_encoder, "VAE encoder"), (k.transformer, "transformer"), (k.vae, "VAE decoder")]
