@@ -1,4 +1,5 @@
-//! Attention on the matrix hardware at any head size, without the score matrix.
+//! Attention on a GPU without the score matrix, at any head size: on the matrix hardware
+//! ([`attention`]) or in exact f32 ([`exact_attention`]).
 //!
 //! burn's accelerated flash-attention kernel (cubek-attention's "blackbox accelerated" routine)
 //! tiles `q kᵀ` and `p v` on f16 cooperative matrices with f32 sums, and it launches only when
@@ -26,7 +27,8 @@
 //!
 //! f16 keeps 11 significant bits (bf16 8), so this is more exact than the bf16 linear products
 //! it runs beside. It is used only with those products ([`FlashTiles`] comes with the precision
-//! decision); the f32 path keeps burn's exact f32 attention.
+//! decision); the f32 path keeps exact f32 attention, [`exact_attention`]: burn's unit flash
+//! kernel, which has no matrix hardware but no score matrix either.
 //!
 //! On burn's CPU backend the same numbers are emulated: the padded, scaled q, k and v rounded to
 //! f16, then the exact-softmax kernel of [`crate::attention`] in f32. The kernel also rounds the

@@ -4,7 +4,8 @@
 //!   adapter got), launched through a burn backend extension (so they run under burn's fusion
 //!   like any other op): [`bf16`], [`bf16_product`] (burn-cubecl's matmul with bf16 inputs and an
 //!   f32 output, emulated on the CPU backend). [`flash`] is plain burn around burn's accelerated
-//!   flash attention: the padding that lets it launch at the transformer's head size.
+//!   flash attention (the padding that lets it launch at the transformer's head size) and an
+//!   extension that launches its exact f32 unit kernel directly.
 //! - burn's CPU backend (burn-flex): host code on its tensors' memory, through the same kind of
 //!   extension, where burn-flex's own ops leave most of the machine idle. Its elementwise ops
 //!   run on one thread and its convolution copies nine times its input: [`conv`], [`linear`],

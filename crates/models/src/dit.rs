@@ -295,7 +295,7 @@ impl AttentionLimits {
     }
 
     /// Scaled dot-product attention, `softmax(q kᵀ / sqrt(hd)) v`, no mask: flash on f16 tiles,
-    /// or in head groups.
+    /// exact f32 flash, or burn's attention in head groups (see the type's doc).
     ///
     /// # Shapes
     /// - q, k, v: `[N, H, T, hd]` → `[N, H, T, hd]`
