@@ -94,7 +94,7 @@ pub fn attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4
 /// size 40 cannot launch and silently degrades to the fallback that materialises every head's
 /// scores at once. Where the unit kernel cannot launch either (no plane operations), that
 /// fallback runs here in groups of `group` heads, each group's scores within the caller's
-/// budget.
+/// budget. For CubeCL devices only (burn's CPU backend has `crate::attention`).
 ///
 /// # Shapes
 /// - q, k, v: `[N, H, T, hd]` (f32) → `[N, H, T, hd]` (f32)
