@@ -2,11 +2,12 @@
 # Where the time of the text encoder and the VAE decode goes on the GPU (issue 15 item 2), for a
 # session that has the device and time left after tools/gpu_check.sh. Here first:
 # ../shared/gpu/prepare.sh, then the device tool's run with carry [".gpu"], timeout_s 570, command
-# "bash tools/gpu_profile.sh". About 5 minutes on a fresh H200.
+# "bash tools/gpu_profile.sh". About 7 minutes on a fresh H200.
 # Each stage runs twice in one kernel cache: cold (compiling and tuning) and warm (the kernels only),
 # the warm one under CubeCL's profiler (CUBECL_DEBUG_OPTION=profile-medium: one line per kernel
 # launch with its time). Output in $OUT: log.txt (timings, the bench tables), and per stage the
-# profile's kernels summed by name, largest first (profile_<stage>.txt).
+# profile's kernels summed by name, largest first (profile_<stage>.txt). Then the attention A/B:
+# flash (`--attention auto`) against burn's head groups, under auto and f32.
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
 source .gpu/env.sh
 export COGVIEW_KERNEL_CACHE=/tmp/kc_profile
@@ -36,5 +37,14 @@ for name, s in total.most_common(40):
     print(f"{s:9.4f} s {count[name]:6d}x  {name}")
 PY
   head -c 20000 /tmp/profile_$stage.log > "$OUT/profile_${stage}_head.log"
+done
+# Attention, flash against burn's head groups (the path before flash), on a 10-block DiT at 1024²
+# with guidance, warm: under auto (f16 tiles against groups) and f32 (unit flash against groups).
+for p in auto f32; do
+  for a in auto grouped; do
+    t "DiT 10 blocks, --precision $p --attention $a"
+    timeout 120 $COGVIEW bench --preset full --width 1024 --height 1024 --steps 3 --layers 10 --stages denoise --precision $p --attention $a --json > /tmp/ab.json; echo "rc $?"
+    python3 -c 'import json; d = json.load(open("/tmp/ab.json")); r = d["report"]; print(d["attention"], "first", round(r["first_step_seconds"], 3), "median", round(r["median_step_seconds"], 3), "peak", r["dit_peak"])' || true
+  done
 done
 t done

@@ -63,11 +63,21 @@ pub struct BenchArgs {
     /// without denoise the decoder random latents.
     #[arg(long, value_delimiter = ',', default_value = "text,denoise,decode")]
     stages: Vec<Stage>,
+    /// Attention: auto (flash: on f16 tiles with bf16 products, else exact f32), or grouped
+    /// (burn's attention in head groups, the path before flash), to compare the two.
+    #[arg(long, value_enum, default_value = "auto")]
+    attention: AttentionChoice,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AttentionChoice {
+    Auto,
+    Grouped,
 }
 
 fn configs(config: &Option<String>, preset: Preset) -> Result<Configs> {
@@ -93,6 +103,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         weights: args.weights,
         max_memory: args.max_memory,
         stages: [Stage::Text, Stage::Encode, Stage::Denoise, Stage::Decode].map(|s| args.stages.contains(&s)),
+        grouped_attention: args.attention == AttentionChoice::Grouped,
     };
     let report = bench(&configs, &settings, &target, &mut Quiet)?;
     let json = serde_json::json!({
@@ -100,7 +111,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "compiler": target.capabilities.compiler,
         "precision": target.precision.dtype,
         "matmul": target.precision.matmul,
-        "attention": if target.precision.flash.is_some() { "f16 tiles" } else { "f32" },
+        "attention": match (args.attention, target.precision.flash) {
+            (AttentionChoice::Grouped, _) => "grouped",
+            (_, Some(_)) => "f16 tiles",
+            (_, None) => "f32",
+        },
         "kernel_cache": kernel_cache::active(),
         "image_seconds": report.image_seconds(Request::new("").steps),
         "report": report,
@@ -199,6 +214,7 @@ pub fn warmup(args: WarmupArgs, quiet: bool) -> Result<()> {
         weights: args.weights,
         max_memory: args.max_memory,
         stages: [true, false, true, true],
+        grouped_attention: false,
     };
     let start = std::time::Instant::now();
     let mut bars = Bars::new(quiet);

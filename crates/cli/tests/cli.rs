@@ -333,6 +333,11 @@ fn bench_reports_every_stage() {
     let image = v["image_seconds"].as_f64().unwrap();
     assert!((image - parts - 49.0 * f("median_step_seconds")).abs() <= 1e-9 * image.max(1.0), "{v}");
     assert_eq!(v["attention"], "f32", "{v}");
+    // The path before flash, to compare: the plan says so.
+    let o = cogview(&["bench", "--preset", "tiny", "--width", "64", "--height", "64", "--steps", "1", "--device", "cpu", "--attention", "grouped", "--json"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["attention"].as_str(), v["report"]["plan"]["grouped_attention"].as_bool()), (Some("grouped"), Some(true)), "{v}");
 }
 
 #[test]

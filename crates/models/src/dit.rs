@@ -278,11 +278,14 @@ pub struct AttentionLimits {
     pub max_buffer_bytes: u64,
     /// Flash attention on f16 tiles with f32 sums, padded to these tiles.
     pub flash: Option<FlashTiles>,
+    /// burn's attention in head groups even where a flash path would run: what attention was
+    /// before flash, for benchmarks that compare the two (`cogview bench --attention grouped`).
+    pub grouped: bool,
 }
 
 impl Default for AttentionLimits {
     fn default() -> Self {
-        Self { max_scores_bytes: 1 << 30, max_buffer_bytes: u64::MAX, flash: None }
+        Self { max_scores_bytes: 1 << 30, max_buffer_bytes: u64::MAX, flash: None, grouped: false }
     }
 }
 
@@ -301,7 +304,7 @@ impl AttentionLimits {
     /// - q, k, v: `[N, H, T, hd]` → `[N, H, T, hd]`
     pub fn attention(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
         let [n, h, t, hd] = q.dims();
-        if let Some(tiles) = self.flash {
+        if let Some(tiles) = self.flash.filter(|_| !self.grouped) {
             return cogview_shaders::flash::attention(q, k, v, tiles);
         }
         if cogview_shaders::attention::applies(&q, &k, &v, None) {
@@ -317,7 +320,7 @@ impl AttentionLimits {
             return Tensor::cat(parts, 0);
         }
         let group = self.heads_per_call(n, h, t);
-        if !matches!(q.device().as_dispatch(), burn::backend::DispatchDevice::Flex(_)) && q.dtype() == DType::F32 {
+        if !self.grouped && !matches!(q.device().as_dispatch(), burn::backend::DispatchDevice::Flex(_)) && q.dtype() == DType::F32 {
             // A GPU in f32: exact flash attention, the fallback in these groups only where it
             // cannot launch.
             return cogview_shaders::flash::exact_attention(q, k, v, group);

@@ -38,6 +38,8 @@ pub struct BenchSettings {
     /// decode. Without the text stage the transformer gets random embeddings; without the
     /// denoising the decoder gets random latents.
     pub stages: [bool; 4],
+    /// burn's attention in head groups instead of flash (the path before it), to compare.
+    pub grouped_attention: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -197,7 +199,11 @@ pub fn bench(full: &Configs, settings: &BenchSettings, target: &Target, progress
         request.init_image = Some(random_picture(settings.width, settings.height));
     }
     request.validate(&configs)?;
-    let plan = plan_for(full, true, target, &options, std::slice::from_ref(&request))?;
+    let mut plan = plan_for(full, true, target, &options, std::slice::from_ref(&request))?;
+    if settings.grouped_attention {
+        // The head groups budget the scores of burn's fallback, as the plan does.
+        (plan.flash, plan.grouped_attention) = (None, true);
+    }
     let mut pipeline = Pipeline::random(configs.clone(), target.clone(), options);
     let blocks = |full: usize, run: usize| (full - run) as u64;
     let dit_block = stored_bytes(KeyRecorder::keys_of(|r| {

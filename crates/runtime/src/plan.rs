@@ -228,6 +228,9 @@ pub struct Plan {
     /// Joint attention as burn's accelerated flash kernel on these f16 tiles: one call, no
     /// scores, no head groups.
     pub flash: Option<FlashTiles>,
+    /// burn's attention in head groups on a GPU, no flash path (`cogview bench --attention
+    /// grouped`, to compare).
+    pub grouped_attention: bool,
     /// The largest buffer the adapter allows (the feed-forward runs on token chunks below it).
     pub max_buffer_bytes: Option<u64>,
     pub warnings: Vec<String>,
@@ -245,6 +248,7 @@ impl Plan {
             max_scores_bytes: self.attention_scores_bytes,
             max_buffer_bytes: self.max_buffer_bytes.unwrap_or(u64::MAX),
             flash: self.flash,
+            grouped: self.grouped_attention,
         }
     }
 
@@ -255,6 +259,7 @@ impl Plan {
         s += &format!("weights     {}: {}\n", self.storage, self.storage_reason);
         s += &format!("budget      {} ({})\n", human(self.budget.bytes), self.budget.source);
         s += &match self.flash {
+            _ if self.grouped_attention => format!("attention   burn's, in head groups of at most {} of scores\n", human(self.attention_scores_bytes)),
             Some(t) => format!(
                 "attention   flash on f16 tiles with f32 sums (heads padded to {}, queries to {}): no score matrix, no head groups\n",
                 t.head, t.rows
@@ -453,6 +458,7 @@ pub fn make(input: &PlanInput) -> Plan {
         keep,
         attention_scores_bytes: attn.max_scores_bytes,
         flash: attn.flash,
+        grouped_attention: false,
         max_buffer_bytes: input.max_binding,
         warnings,
     }
@@ -508,7 +514,7 @@ fn plan_denoise(input: &PlanInput, storage: WeightStorage) -> (StagePlan<Residen
     let caps = attention_caps(input, tokens);
     // The largest attention cap that fits with these weights (the smallest if none does).
     let fit = |weights: u64| {
-        let limits = |cap| AttentionLimits { max_scores_bytes: cap, max_buffer_bytes: max_buffer, flash: input.flash };
+        let limits = |cap| AttentionLimits { max_scores_bytes: cap, max_buffer_bytes: max_buffer, flash: input.flash, grouped: false };
         let found = caps.iter().map(|&cap| limits(cap)).find(|l| weights + dit_activations(dit, n, tokens, input.compute, l) <= budget);
         let l = found.unwrap_or_else(|| limits(*caps.last().expect("at least one cap")));
         (found.is_some(), l, dit_activations(dit, n, tokens, input.compute, &l))
