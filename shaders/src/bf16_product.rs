@@ -20,6 +20,7 @@
 //! in the order of the f32 sums. The plain-burn reference is [`bf16_linear_reference`].
 
 use burn::backend::{Backend, Dispatch, backend_extension, tensor::FloatTensor};
+use burn::tensor::ops::PadMode;
 use burn::tensor::{DType, Device, Shape, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::matmul::{MatmulStrategy, matmul};
@@ -114,16 +115,7 @@ pub fn bf16_conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, padding: [u
     let [c_out, _, kh, kw] = weight.dims();
     let [ph, pw] = padding;
     let (ho, wo) = (h + 2 * ph + 1 - kh, w + 2 * pw + 1 - kw);
-    let x = x.permute([0, 2, 3, 1]); // [N, H, W, C_in]
-    let x = if ph > 0 || pw > 0 {
-        let (device, dtype) = (x.device(), x.dtype());
-        let side = Tensor::zeros([n, h, pw, c_in], (&device, dtype));
-        let x = Tensor::cat(vec![side.clone(), x, side], 2);
-        let row = Tensor::zeros([n, ph, w + 2 * pw, c_in], (&device, dtype));
-        Tensor::cat(vec![row.clone(), x, row], 1)
-    } else {
-        x
-    };
+    let x = x.pad([(ph, ph), (pw, pw)], PadMode::Constant(0.0)).permute([0, 2, 3, 1]); // [N, H+2ph, W+2pw, C_in]
     let kernel = weight.cast(DType::F32);
     let on_cpu = matches!(x.device().as_dispatch(), burn::backend::DispatchDevice::Flex(_));
     let mut y: Option<Tensor<2>> = None;

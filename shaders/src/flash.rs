@@ -40,7 +40,7 @@ use burn::backend::ops::FloatTensorOps;
 use burn::backend::ops::attention::attention_fallback;
 use burn::backend::{Backend, Dispatch, backend_extension, tensor::FloatTensor};
 use burn::tensor::module::attention as burn_attention;
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::ops::{AttentionModuleOptions, PadMode};
 use burn::tensor::{DType, Device, Shape, Slice, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::attention::flash_attention;
@@ -138,12 +138,8 @@ impl FlashUnitOps for CubeBackend {
 fn padded(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, tiles: FlashTiles, round: bool) -> Tensor<4> {
     let [n, h, t, hd] = q.dims();
     let (hd_pad, t_pad) = (hd.next_multiple_of(tiles.head), t.next_multiple_of(tiles.rows));
-    let pad = |x: Tensor<4>, rows: usize| {
-        let [n, h, r, d] = x.dims();
-        let (device, dtype) = (x.device(), x.dtype());
-        let x = if d < hd_pad { Tensor::cat(vec![x, Tensor::zeros([n, h, r, hd_pad - d], (&device, dtype))], 3) } else { x };
-        if r < rows { Tensor::cat(vec![x, Tensor::zeros([n, h, rows - r, hd_pad], (&device, dtype))], 2) } else { x }
-    };
+    // Zero rows up to `rows`, zero columns up to `hd_pad`.
+    let pad = |x: Tensor<4>, rows: usize| x.pad([(0, rows - t), (0, hd_pad - hd)], PadMode::Constant(0.0));
     // The divisor of v: its largest magnitude (f32's smallest normal for an all-zero v).
     let v_max = v.clone().abs().max().clamp_min(f32::MIN_POSITIVE).reshape([1, 1, 1, 1]);
     let q = pad(q.mul_scalar((hd_pad as f64 / hd as f64).sqrt()), t_pad);
