@@ -204,9 +204,8 @@ fn pipeline_needs_kernels(target: &Target) -> bool {
 
 /// `--from IMAGE.png`: the settings of the image fill in every flag not given (`explicit`
 /// says which were, on the command line or in the environment).
-/// Returns the dtype the image was computed in and the one its matrix products read, when
-/// `--precision` was not given.
-fn apply_from(args: &mut GenerateArgs, explicit: &dyn Fn(&str) -> bool) -> Result<Option<(ComputeDtype, ComputeDtype)>> {
+/// Returns how the image was computed, when `--precision` was not given.
+fn apply_from(args: &mut GenerateArgs, explicit: &dyn Fn(&str) -> bool) -> Result<Option<FromPrecision>> {
     let Some(path) = args.from.clone() else { return Ok(None) };
     let s = Settings::read_png(&path)?;
     if s.latents.is_some() && args.latents.is_none() {
@@ -246,12 +245,25 @@ fn apply_from(args: &mut GenerateArgs, explicit: &dyn Fn(&str) -> bool) -> Resul
         // What was asked for, so the metadata comes out the same; `run` narrows it to the
         // dtype the image was computed in if this machine decides otherwise.
         args.device.precision = s.precision_requested;
+        return Ok(Some(FromPrecision {
+            dtype: s.precision,
+            matmul: s.matrix_products.unwrap_or(s.precision),
+            f16_tiles: s.f16_tile_attention,
+        }));
     }
-    Ok(Some((s.precision, s.matrix_products.unwrap_or(s.precision))))
+    Ok(None)
+}
+
+/// How a `--from` image was computed: its dtype, the dtype its matrix products read, and
+/// whether its attention ran on f16 tiles.
+struct FromPrecision {
+    dtype: ComputeDtype,
+    matmul: ComputeDtype,
+    f16_tiles: bool,
 }
 
 pub fn run(mut args: GenerateArgs, quiet: bool, explicit: &dyn Fn(&str) -> bool) -> Result<()> {
-    let from_dtype = apply_from(&mut args, explicit)?;
+    let from = apply_from(&mut args, explicit)?;
     let seed = args.seed.unwrap_or_else(|| {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         t.as_nanos() as u64 % 1_000_000_007
@@ -310,15 +322,20 @@ pub fn run(mut args: GenerateArgs, quiet: bool, explicit: &dyn Fn(&str) -> bool)
         }
     }
     let mut target = cogview_runtime::target(args.device.device, args.device.backend, args.device.precision)?;
-    if let Some((dtype, matmul)) = from_dtype.filter(|&d| d != (target.precision.dtype, target.precision.matmul)) {
-        // bf16 products in an f32 run are what `--precision bf16` gives where the adapter has
-        // them but no bf16 arithmetic.
-        let (request, what) = match (dtype, matmul) {
-            (ComputeDtype::F32, ComputeDtype::Bf16) => (Precision::Bf16, "f32, bf16 matrix products".to_string()),
-            _ => (dtype.into(), dtype.to_string()),
-        };
-        tracing::info!("--from: computing in {what} as the image was, not {}", target.precision.summary());
-        target = cogview_runtime::target(args.device.device, args.device.backend, request)?;
+    if let Some(from) = &from {
+        if (from.dtype, from.matmul) != (target.precision.dtype, target.precision.matmul) {
+            // bf16 products in an f32 run are what `--precision bf16` gives where the adapter
+            // has them but no bf16 arithmetic.
+            let (request, what) = match (from.dtype, from.matmul) {
+                (ComputeDtype::F32, ComputeDtype::Bf16) => (Precision::Bf16, "f32, bf16 matrix products".to_string()),
+                (dtype, _) => (dtype.into(), dtype.to_string()),
+            };
+            tracing::info!("--from: computing in {what} as the image was, not {}", target.precision.summary());
+            target = cogview_runtime::target(args.device.device, args.device.backend, request)?;
+        }
+        if let Some(warning) = target.precision.match_attention(from.f16_tiles, &target.adapter.label()) {
+            tracing::warn!("--from: {warning}");
+        }
     }
     let options = Options { weights: args.weights, max_memory: args.max_memory, check: args.check_finite, ..Options::default() };
     if args.dry_run {

@@ -112,11 +112,7 @@ impl Settings {
     /// `f32`, `f32, bf16 matrix products`, or `f32, bf16 matrix products, f16-tile attention`
     /// (as `PrecisionDecision::summary`).
     pub fn precision_summary(&self) -> String {
-        let attention = if self.f16_tile_attention { ", f16-tile attention" } else { "" };
-        match self.matrix_products {
-            Some(m) => format!("{}, {m} matrix products{attention}", self.precision),
-            None => format!("{}{attention}", self.precision),
-        }
+        crate::precision::summary(self.precision, self.matrix_products, self.f16_tile_attention)
     }
 
     /// A1111's `parameters` text.

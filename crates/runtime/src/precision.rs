@@ -120,11 +120,39 @@ impl PrecisionDecision {
     /// `f32`, `bf16`, `f32, bf16 matrix products` or `f32, bf16 matrix products, f16-tile
     /// attention`: what `cogview devices` and PNG metadata show.
     pub fn summary(&self) -> String {
-        match (self.bf16_products(), self.flash.is_some()) {
-            (true, true) => format!("{}, bf16 matrix products, f16-tile attention", self.dtype),
-            (true, false) => format!("{}, bf16 matrix products", self.dtype),
-            _ => self.dtype.to_string(),
+        summary(self.dtype, (self.matmul != self.dtype).then_some(self.matmul), self.flash.is_some())
+    }
+
+    /// `generate --from`: attention as the image had it (`f16_tiles`: its attention ran on f16
+    /// tiles). An image made with exact f32 attention turns off the f16 tiles this decision
+    /// would use; one made on f16 tiles cannot be matched where this decision has none, and the
+    /// returned warning says so. `None` when attention already matches.
+    pub fn match_attention(&mut self, f16_tiles: bool, adapter: &str) -> Option<String> {
+        match (f16_tiles, self.flash.is_some()) {
+            (false, true) => {
+                self.flash = None;
+                self.reason = format!("{}; attention in exact f32, as the image was made", self.reason);
+                None
+            }
+            (true, false) => Some(format!(
+                "the image's attention ran on f16 tiles, which {adapter} does not use in {}: attention is exact f32 here, \
+                 so the picture can differ slightly",
+                self.summary()
+            )),
+            _ => None,
         }
+    }
+}
+
+/// `f32`, `bf16`, `f32, bf16 matrix products` or `f32, bf16 matrix products, f16-tile
+/// attention`, from what a run computed in: its dtype, the dtype its matrix products read where
+/// that differs, and whether attention ran on f16 tiles. The one wording of a live decision
+/// ([`PrecisionDecision::summary`]) and of an image's metadata.
+pub fn summary(dtype: ComputeDtype, matrix_products: Option<ComputeDtype>, f16_tile_attention: bool) -> String {
+    let attention = if f16_tile_attention { ", f16-tile attention" } else { "" };
+    match matrix_products {
+        Some(m) => format!("{dtype}, {m} matrix products{attention}"),
+        None => format!("{dtype}{attention}"),
     }
 }
 
@@ -436,6 +464,34 @@ mod tests {
         assert_eq!((failed.dtype, failed.matmul, failed.flash), (ComputeDtype::F32, ComputeDtype::F32, None));
         assert!(failed.reason.contains("bf16 matrix products"), "{}", failed.reason);
         assert_eq!(failed.summary(), "f32");
+    }
+
+    #[test]
+    fn from_an_image_matches_its_attention() {
+        let tiles = FlashTiles { head: 16, rows: 128 };
+        let products = PrecisionDecision {
+            matmul: ComputeDtype::Bf16,
+            flash: Some(tiles),
+            ..PrecisionDecision::fixed(Precision::Auto, ComputeDtype::F32)
+        };
+        // Made with exact f32 attention: the tiles this adapter has are turned off.
+        let mut d = products.clone();
+        assert_eq!(d.match_attention(false, "Card"), None);
+        assert_eq!((d.flash, d.summary().as_str()), (None, "f32, bf16 matrix products"));
+        assert!(d.reason.ends_with("attention in exact f32, as the image was made"), "{}", d.reason);
+        // Made on f16 tiles, which this decision has: nothing changes.
+        let mut d = products.clone();
+        assert_eq!(d.match_attention(true, "Card"), None);
+        assert_eq!(d, products);
+        // Made on f16 tiles, which this decision lacks: a warning, exact attention stays.
+        let mut d = PrecisionDecision { flash: None, ..products.clone() };
+        let warning = d.match_attention(true, "Card").expect("a warning");
+        assert!(warning.contains("Card") && warning.contains("f32, bf16 matrix products"), "{warning}");
+        assert_eq!(d.flash, None);
+        // Neither: nothing changes.
+        let mut d = PrecisionDecision::fixed(Precision::F32, ComputeDtype::F32);
+        assert_eq!(d.match_attention(false, "Card"), None);
+        assert_eq!(d, PrecisionDecision::fixed(Precision::F32, ComputeDtype::F32));
     }
 
     #[test]
