@@ -100,11 +100,17 @@ pub fn bf16_linear_reference(x: Tensor<2>, weight: Tensor<2>, bias: Option<Tenso
 /// [`bf16_linear`] per kernel tap: the matrix hardware's products instead of a convolution
 /// kernel in f32 (which has no matrix hardware on Vulkan).
 ///
-/// The input goes channels-last and zero-padded once; each tap `(i, j)` is then the window of
-/// it shifted by `(i, j)`, a `[N·H'·W', C_in]` matrix, times the kernel's `[C_out, C_in]` slice
-/// at that tap. The k² products are summed in f32 (the order of the sums differs from a direct
+/// The input goes channels-last, zero-padded and flattened once: one row per padded pixel,
+/// `[N·Hp·Wp, C_in]`. Output pixel `(y, x)` of tap `(i, j)` reads padded pixel `(y + i, x + j)`,
+/// which is row `y·Wp + x` shifted by `i·Wp + j`; so each tap is one product of a window of
+/// consecutive rows — a view of the flat input, no copy — times the kernel's `[C_out, C_in]`
+/// slice at that tap, computed at every padded position (as `conv::conv3x3_same` does on the
+/// CPU). `(kh−1)·Wp + kw−1` zero rows after the last image keep every window inside. The
+/// positions outside the output (the right and bottom padding of each image) are dropped at the
+/// end. The k² products are summed in f32 (the order of the sums differs from a direct
 /// convolution's, not their terms: each term, a product of two bf16 values, is exact in f32).
-/// The kernel is sliced in f32 and each slice rounded back to bf16, which is exact.
+/// The kernel is laid out tap-major in f32 once per call and each tap's slice rounded to bf16,
+/// which is exact.
 ///
 /// # Shapes
 /// - x: `[N, C_in, H, W]` (f32), weight: `[C_out, C_in, kh, kw]` (bf16 on a GPU), bias:
@@ -114,16 +120,25 @@ pub fn bf16_conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, padding: [u
     let [n, c_in, h, w] = x.dims();
     let [c_out, _, kh, kw] = weight.dims();
     let [ph, pw] = padding;
-    let (ho, wo) = (h + 2 * ph + 1 - kh, w + 2 * pw + 1 - kw);
-    let x = x.pad([(ph, ph), (pw, pw)], PadMode::Constant(0.0)).permute([0, 2, 3, 1]); // [N, H+2ph, W+2pw, C_in]
-    let kernel = weight.cast(DType::F32);
-    let on_cpu = matches!(x.device().as_dispatch(), burn::backend::DispatchDevice::Flex(_));
+    let (hp, wp) = (h + 2 * ph, w + 2 * pw);
+    let (ho, wo) = (hp + 1 - kh, wp + 1 - kw);
+    let rows = n * hp * wp;
+    let tail = (kh - 1) * wp + kw - 1;
+    let flat = x
+        .pad([(ph, ph), (pw, pw)], PadMode::Constant(0.0))
+        .permute([0, 2, 3, 1]) // [N, Hp, Wp, C_in]
+        .reshape([rows, c_in])
+        .pad([(0, tail), (0, 0)], PadMode::Constant(0.0));
+    let taps = weight.cast(DType::F32).permute([2, 3, 0, 1]).reshape([kh * kw * c_out, c_in]);
+    let on_cpu = matches!(flat.device().as_dispatch(), burn::backend::DispatchDevice::Flex(_));
     let mut y: Option<Tensor<2>> = None;
     for i in 0..kh {
         for j in 0..kw {
-            let tap = x.clone().slice([0..n, i..i + ho, j..j + wo, 0..c_in]).reshape([n * ho * wo, c_in]);
-            let at = kernel.clone().slice([0..c_out, 0..c_in, i..i + 1, j..j + 1]).reshape([c_out, c_in]);
-            let p = bf16_linear(tap, if on_cpu { at } else { at.cast(DType::BF16) }, None);
+            let shift = i * wp + j;
+            let window = flat.clone().slice([shift..shift + rows, 0..c_in]);
+            let t = (i * kw + j) * c_out;
+            let at = taps.clone().slice([t..t + c_out, 0..c_in]);
+            let p = bf16_linear(window, if on_cpu { at } else { at.cast(DType::BF16) }, None);
             y = Some(match y {
                 Some(sum) => sum + p,
                 None => p,
@@ -131,7 +146,7 @@ pub fn bf16_conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, padding: [u
         }
     }
     let y = y.expect("a kernel has at least one tap") + bias.cast(DType::F32).unsqueeze();
-    y.reshape([n, ho, wo, c_out]).permute([0, 3, 1, 2])
+    y.reshape([n, hp, wp, c_out]).slice([0..n, 0..ho, 0..wo, 0..c_out]).permute([0, 3, 1, 2])
 }
 
 /// The plain-burn reference for [`bf16_conv2d`]: the same roundings, then burn's f32 `conv2d`.
@@ -243,11 +258,11 @@ mod tests {
     fn conv_taps_match_the_reference() {
         let device = Device::flex();
         let data = |t: Tensor<4>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
-        for (c_in, c_out, k, pad, h, w) in [(8, 6, 3, 1, 5, 7), (8, 6, 1, 0, 4, 4), (4, 3, 3, 0, 6, 5)] {
+        for (c_in, c_out, k, pad, h, w) in [(8, 6, 3, [1, 1], 5, 7), (8, 6, 1, [0, 0], 4, 4), (4, 3, 3, [0, 0], 6, 5), (5, 7, 3, [1, 0], 4, 6)] {
             let x = matrix(2 * c_in, h * w, 0.3, &device).reshape([2, c_in, h, w]);
             let weight = matrix(c_out, c_in * k * k, 1.7, &device).reshape([c_out, c_in, k, k]);
             let bias = matrix(1, c_out, 2.9, &device).reshape([c_out]);
-            let want = bf16_conv2d_reference(x.clone(), weight.clone(), bias.clone(), [pad, pad]);
+            let want = bf16_conv2d_reference(x.clone(), weight.clone(), bias.clone(), pad);
             let dims = want.dims();
             let want = data(want);
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -255,9 +270,9 @@ mod tests {
                 assert_eq!(got.dims(), dims);
                 data(got).iter().zip(&want).fold(0f32, |m, (g, r)| m.max((g - r).abs())) / scale
             };
-            let got = err(bf16_conv2d(x.clone(), weight.clone().cast(DType::BF16), bias.clone(), [pad, pad]));
-            assert!(got <= EMULATION_TOL, "{c_in}→{c_out}, k {k}, pad {pad}: {got:.2e}");
-            let options = burn::tensor::ops::ConvOptions::new([1, 1], [pad, pad], [1, 1], 1);
+            let got = err(bf16_conv2d(x.clone(), weight.clone().cast(DType::BF16), bias.clone(), pad));
+            assert!(got <= EMULATION_TOL, "{c_in}→{c_out}, k {k}, pad {pad:?}: {got:.2e}");
+            let options = burn::tensor::ops::ConvOptions::new([1, 1], pad, [1, 1], 1);
             let f32_conv = err(burn::tensor::module::conv2d(x, weight, Some(bias), options));
             assert!(f32_conv > 1e-3, "the f32 convolution is within {f32_conv:.2e}: the inputs were not rounded");
         }

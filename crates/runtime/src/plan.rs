@@ -396,7 +396,8 @@ fn vae_activations(c: &VaeConfig, h: usize, w: usize, dtype: DType, products: bo
     let s = dtype.size();
     let reversed: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
     // Convolutions as bf16 products hold four more of their input's size: the padded
-    // channels-last copy, one tap and its bf16 copy, and one tap's product.
+    // channels-last copy, one tap's bf16 copy, one tap's product and the sum, each a little
+    // over the input's size (they cover the padding's rows and columns too).
     let convs = if products { 4 } else { 0 };
     let mut peak = 0u64;
     let mut largest = 0u64;
