@@ -45,6 +45,7 @@ def main():
     short_circuits = 0
     tail = collections.deque(maxlen=40)
     in_source, want_name = False, False
+    block, last_block = [], []
     try:
         log = open(path, errors="replace")
     except OSError as e:
@@ -54,7 +55,7 @@ def main():
         for line in log:
             line = line.rstrip("\n")
             if line.startswith("[START_KERNEL_COMPILATION]"):
-                in_source, want_name = True, True
+                in_source, want_name, block = True, True, []
                 continue
             if line.startswith("[END_KERNEL_COMPILATION]"):
                 in_source = False
@@ -63,6 +64,9 @@ def main():
                 if want_name and line.startswith("name: "):
                     compiled[line[6:].split("<")[0].strip()] += 1
                     want_name = False
+                if len(block) < 200:
+                    block.append(line)
+                    last_block = block
                 continue
             if line.strip():
                 tail.append(line[:200])
@@ -97,6 +101,15 @@ def main():
     print(f"== kernels compiled: {sum(compiled.values())}")
     for name, n in compiled.most_common(top):
         print(f"{n:6d}  {short(name)}")
+    if last_block:
+        # What the run compiled last: in a stopped run, the kernel it was compiling or running.
+        text = "\n".join(last_block)
+        name = text.split("\nid:")[0]
+        generic = {"DynamicScalar", "DynamicSize", "TensorArgs"}
+        types = [t for t in dict.fromkeys(re.findall(r"::([A-Z]\w+)", name)) if t not in generic]
+        settings = dict.fromkeys(re.findall(r"\b(tile_matmul|partition_buffering|plane_dim|specialization\w*): ([\w{]+)", text))
+        print("== the last kernel compiled: " + " ".join(types[:12]))
+        print("   " + ", ".join(f"{k}: {v}" for k, v in settings))
     print("== the log's last lines (no kernel source)")
     print("\n".join(tail))
 
