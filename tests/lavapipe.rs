@@ -57,6 +57,34 @@ fn bf16_unpacking_kernel_matches_reference() {
     }
 }
 
+/// `COGVIEW_MATMUL_KERNEL`'s kernels on lavapipe: cubek's own choice, a unit kernel and the gemm
+/// routine (lavapipe has no cooperative matrices) launch themselves and give the CPU's product;
+/// a cooperative-matrix kernel cannot launch and falls back to burn's autotune, which gives it
+/// too. (Every kernel compiles with LLVM on a fresh machine, about 10 s each: not all of them.)
+#[test]
+fn named_matmul_kernels_on_lavapipe() {
+    use cogview_shaders::matmul_kernel::{candidates, fallbacks, matmul_with, names};
+    let (_, dev) = lavapipe();
+    let cpu = Device::flex();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut random = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let ([m, k, n], a, b) = ([37, 72, 50], random(37 * 72), random(72 * 50));
+    let on = |x: &[f32], dims: [usize; 2], d: &Device| Tensor::<2>::from_data(TensorData::new(x.to_vec(), dims), d);
+    let want = values(on(&a, [m, k], &cpu).matmul(on(&b, [k, n], &cpu)));
+    let tried = ["matmul_auto", "matmul_simple_unit_max_tile_size", "gemm_None", "matmul_double_cyclic_cmma"];
+    let mut launched = Vec::new();
+    for (i, name) in names()[1..].iter().enumerate().filter(|(_, n)| tried.contains(&n.as_str())) {
+        assert_eq!(candidates()[i].to_string(), *name);
+        let before = fallbacks();
+        let got = values(matmul_with(on(&a, [m, k], &dev), on(&b, [k, n], &dev), Some(i)));
+        assert_close(name, &got, &want, LAVAPIPE_MATMUL_TOL);
+        if fallbacks() == before {
+            launched.push(name.clone());
+        }
+    }
+    assert_eq!(launched, tried[..3], "the kernels that launched themselves");
+}
+
 /// Attention padded to f16 tiles (`cogview_shaders::flash`) through burn's attention on
 /// lavapipe, which lists no cooperative matrices, so burn runs f32 kernels there: the padding
 /// (head size 40 → 48, 70 queries → 128), the folded scale and v's divisor must change nothing
@@ -98,3 +126,7 @@ fn flash_padding_on_lavapipe() {
 /// one, burn-flex's the standard library's; the sums run in different orders): a few ulps per
 /// score, about 1e-6 of the output's scale; 1e-5 leaves room.
 const LAVAPIPE_ATTENTION_TOL: f32 = 1e-5;
+
+/// An f32 product on lavapipe against the CPU's: the same 72 terms (each of size ≤ 1) summed in
+/// another order, at most about 72 · 2^-24 ≈ 4e-6 apart; the output's scale is several units.
+const LAVAPIPE_MATMUL_TOL: f32 = 1e-5;

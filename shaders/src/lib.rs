@@ -5,7 +5,8 @@
 //!   like any other op): [`bf16`], [`bf16_product`] (burn-cubecl's matmul with bf16 inputs and an
 //!   f32 output, emulated on the CPU backend). [`flash`] is plain burn around burn's accelerated
 //!   flash attention (the padding that lets it launch at the transformer's head size) and an
-//!   extension that launches its exact f32 unit kernel directly.
+//!   extension that launches its exact f32 unit kernel directly. [`matmul_kernel`]: one named
+//!   matrix-product kernel instead of burn's autotune (`COGVIEW_MATMUL_KERNEL`).
 //! - burn's CPU backend (burn-flex): host code on its tensors' memory, through the same kind of
 //!   extension, where burn-flex's own ops leave most of the machine idle. Its elementwise ops
 //!   run on one thread and its convolution copies nine times its input: [`conv`], [`linear`],
@@ -24,6 +25,7 @@ pub mod gelu;
 pub mod group_norm;
 pub mod layer_norm;
 pub mod linear;
+pub mod matmul_kernel;
 
 /// `lhs · rhs` (burn's `matmul`), with both operands in one dtype.
 ///
@@ -36,6 +38,9 @@ pub mod linear;
 /// - lhs: `[..., m, k]`, rhs: `[..., k, n]` → `[..., m, n]`
 pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     same_dtype("matmul", &[lhs.dtype(), rhs.dtype()]);
+    if matmul_kernel::applies(&lhs) {
+        return matmul_kernel::matmul_named(lhs, rhs);
+    }
     lhs.matmul(rhs)
 }
 
@@ -47,6 +52,13 @@ pub fn burn_linear(x: Tensor<2>, weight_t: Tensor<2>, bias: Option<Tensor<1>>) -
     let mut dtypes = vec![x.dtype(), weight_t.dtype()];
     dtypes.extend(bias.as_ref().map(Tensor::dtype));
     same_dtype("linear", &dtypes);
+    if matmul_kernel::applies(&x) {
+        let y = matmul_kernel::matmul_named(x, weight_t);
+        return match bias {
+            Some(bias) => y + bias.unsqueeze(),
+            None => y,
+        };
+    }
     burn::tensor::module::linear(x, weight_t, bias)
 }
 

@@ -6,7 +6,7 @@ use cogview_runtime::bench::{BenchReport, BenchSettings, bench};
 use cogview_runtime::import::ModelFolder;
 use cogview_runtime::models::Configs;
 use cogview_runtime::plan::{WeightsChoice, human, parse_size};
-use cogview_runtime::{Quiet, Request, kernel_cache};
+use cogview_runtime::{Quiet, Request, kernel_cache, matmul_kernel};
 
 use crate::DeviceArgs;
 use crate::generate::Bars;
@@ -117,6 +117,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             (_, None) => "f32",
         },
         "kernel_cache": kernel_cache::active(),
+        "matmul_kernel": matmul_kernel::chosen().map_or("autotune".to_string(), |i| matmul_kernel::candidates()[i].to_string()),
         "image_seconds": report.image_seconds(Request::new("").steps),
         "report": report,
     });

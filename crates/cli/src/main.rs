@@ -120,7 +120,23 @@ fn main() -> ExitCode {
             dir => cogview_runtime::kernel_cache::CacheLocation::Dir(dir.into()),
         });
     }
-    let result = match cli.command {
+    let result = match cogview_runtime::matmul_kernel::from_env() {
+        // Read where the products run, deep in the kernels: a bad name is refused here first.
+        Err(e) => Err(anyhow::anyhow!(e)),
+        Ok(_) => run(cli, &matches),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line a person can act on: the chain joined, no backtrace.
+            eprintln!("error: {}", e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    match cli.command {
         Command::Devices(args) => devices::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => {
@@ -145,13 +161,5 @@ fn main() -> ExitCode {
         Command::Man => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
             .render(&mut std::io::stdout())
             .map_err(anyhow::Error::from),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line a person can act on: the chain joined, no backtrace.
-            eprintln!("error: {}", e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": "));
-            ExitCode::FAILURE
-        }
     }
 }

@@ -12,13 +12,20 @@ fn base() -> String {
 }
 
 fn cogview(args: &[&str]) -> Output {
+    cogview_with(args, &[])
+}
+
+/// `cogview args` with these environment variables set.
+fn cogview_with(args: &[&str], vars: &[(&str, &str)]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_cogview"))
         .args(args)
         .env_remove("COGVIEW_DEVICE")
         .env_remove("COGVIEW_BACKEND")
         .env_remove("COGVIEW_PRECISION")
+        .env_remove("COGVIEW_MATMUL_KERNEL")
         // Every run starts from nothing (kernel_cache.rs tests the cache).
         .env("COGVIEW_KERNEL_CACHE", "off")
+        .envs(vars.iter().copied())
         .output()
         .expect("cogview runs");
     println!("$ cogview {}\n{}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -338,6 +345,12 @@ fn bench_reports_every_stage() {
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((v["attention"].as_str(), v["report"]["plan"]["grouped_attention"].as_bool()), (Some("grouped"), Some(true)), "{v}");
+    assert_eq!(v["matmul_kernel"], "autotune", "{v}");
+    // A named matrix-product kernel is recorded (the CPU backend has no use for it).
+    let o = cogview_with(&["bench", "--preset", "tiny", "--width", "64", "--height", "64", "--steps", "1", "--device", "cpu", "--json"], &[("COGVIEW_MATMUL_KERNEL", "gemm_None")]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["matmul_kernel"], "gemm_None", "{v}");
 }
 
 #[test]
@@ -468,6 +481,17 @@ fn png_metadata_reads_back_in_a1111_format_and_with_info() {
     let json: serde_json::Value = serde_json::from_slice(&cogview(&["info", png.to_str().unwrap(), "--json"]).stdout).unwrap();
     assert_eq!(json["seed"], 42);
     assert_clean_error(&cogview(&["info", "/no/such.png"]), "/no/such.png");
+}
+
+/// A kernel name `COGVIEW_MATMUL_KERNEL` does not know is refused before anything runs, with
+/// the names it takes; a known one is accepted.
+#[test]
+fn matmul_kernel_variable_is_checked() {
+    let o = cogview_with(&["devices"], &[("COGVIEW_MATMUL_KERNEL", "fastest")]);
+    assert_clean_error(&o, "COGVIEW_MATMUL_KERNEL=fastest is not a matmul kernel");
+    assert!(stderr(&o).contains("matmul_simple_cyclic_cmma"), "{}", stderr(&o));
+    let o = cogview_with(&["devices"], &[("COGVIEW_MATMUL_KERNEL", "matmul_simple_unit_max_tile_size")]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 /// `generate --from` makes the same image again, byte for byte; a flag given as well wins.

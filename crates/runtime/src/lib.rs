@@ -66,3 +66,5 @@ pub use target::{Survey, SurveyRow, Target, survey, target};
 
 pub use cogview_import as import;
 pub use cogview_models as models;
+/// `COGVIEW_MATMUL_KERNEL`: one named kernel for the GPU's matrix products instead of autotune.
+pub use cogview_shaders::matmul_kernel;
