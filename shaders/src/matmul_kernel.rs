@@ -9,8 +9,9 @@
 //! past a candidate that stalls — on a machine without a Rust toolchain, by an environment
 //! variable. `autotune` (or unset) keeps burn's choice.
 //!
-//! It applies to every matrix product on a CubeCL adapter: [`crate::matmul`], [`crate::burn_linear`]
-//! and [`crate::bf16_product`]. A product the named kernel cannot launch (a shape or dtype it does
+//! It applies to every matrix product cogview launches on a CubeCL adapter: [`crate::matmul`],
+//! [`crate::burn_linear`] and [`crate::bf16_product`] (not to the products inside burn's
+//! attention and convolution kernels). A product the named kernel cannot launch (a shape or dtype it does
 //! not support) falls back to burn's autotune, with a warning. burn's CPU backend ignores it.
 
 use std::sync::OnceLock;
