@@ -177,9 +177,9 @@ impl Bf16ProductOps for CubeBackend {
         let weight_t = <Self as burn::backend::ops::FloatTensorOps<Self>>::float_swap_dims(weight, 0, 1);
         // cubek's fixed choice tries its cooperative-matrix kernel, then a unit kernel that
         // needs bf16 arithmetic, and returns an error when neither can launch.
-        let product = match crate::matmul_kernel::chosen() {
-            Some(named) if tuned => crate::matmul_kernel::launch(&crate::matmul_kernel::candidates()[named], x, weight_t, DType::F32),
-            _ => matmul(x, weight_t, None, if tuned { MatmulStrategy::default() } else { MatmulStrategy::Cube }, DType::F32),
+        let product = match tuned {
+            true => crate::matmul_kernel::product(crate::matmul_kernel::chosen(), x, weight_t, DType::F32),
+            false => matmul(x, weight_t, None, MatmulStrategy::Cube, DType::F32),
         };
         match product {
             Ok(y) => y,

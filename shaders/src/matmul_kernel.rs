@@ -23,7 +23,7 @@ use burn_cubecl::CubeBackend;
 use burn::backend::calculate_matmul_output;
 use burn_cubecl::kernel::matmul::{MatmulStrategy, init_matmul_output, matmul};
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::ir::{ElemType, FloatKind};
+use burn::backend::cubecl::dtype_to_storage_type;
 use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems, MatmulSetupError};
 use cubek::matmul::multi_level::Strategy as Routine;
 use cubek::matmul::multi_level::components::tile::TileMatmulKind;
@@ -139,20 +139,13 @@ pub fn matmul_with<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, kernel: Optio
     Tensor::from_dispatch(Dispatch::named_matmul(lhs.into_dispatch(), rhs.into_dispatch(), kernel.unwrap_or(usize::MAX)))
 }
 
-fn elem(dtype: DType) -> Option<ElemType> {
-    match dtype {
-        DType::F32 => Some(ElemType::Float(FloatKind::F32)),
-        DType::F16 => Some(ElemType::Float(FloatKind::F16)),
-        DType::BF16 => Some(ElemType::Float(FloatKind::BF16)),
-        _ => None,
-    }
-}
-
-/// `lhs · rhs` into `out_dtype` through `strategy`, or burn's autotune where it cannot launch.
-pub(crate) fn launch(strategy: &Strategy, lhs: CubeTensor, rhs: CubeTensor, out_dtype: DType) -> Result<CubeTensor, MatmulSetupError> {
-    let (Some(l), Some(r), Some(o)) = (elem(lhs.dtype), elem(rhs.dtype), elem(out_dtype)) else {
+/// `lhs · rhs` into `out_dtype` through candidate `kernel` (an index in [`candidates`]), or
+/// burn's autotune when `kernel` names none or cannot launch.
+pub(crate) fn product(kernel: Option<usize>, lhs: CubeTensor, rhs: CubeTensor, out_dtype: DType) -> Result<CubeTensor, MatmulSetupError> {
+    let Some(strategy) = kernel.and_then(|k| candidates().get(k)) else {
         return matmul(lhs, rhs, None, MatmulStrategy::default(), out_dtype);
     };
+    let (l, r, o) = (dtype_to_storage_type(lhs.dtype), dtype_to_storage_type(rhs.dtype), dtype_to_storage_type(out_dtype));
     let out = init_matmul_output(&lhs, &rhs, out_dtype);
     let client = out.client.clone();
     let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: l, rhs: r, out: o });
@@ -186,11 +179,7 @@ pub trait NamedMatmulOps: Backend {
 impl NamedMatmulOps for CubeBackend {
     fn named_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, kernel: usize) -> FloatTensor<Self> {
         let dtype = lhs.dtype;
-        let result = match candidates().get(kernel) {
-            Some(strategy) => launch(strategy, lhs, rhs, dtype),
-            None => matmul(lhs, rhs, None, MatmulStrategy::default(), dtype),
-        };
-        result.expect("burn's autotune launches a matmul on any adapter")
+        product(Some(kernel), lhs, rhs, dtype).expect("burn's autotune launches a matmul on any adapter")
     }
 }
 

@@ -42,6 +42,13 @@ pub struct SelfTestReport {
     pub passed: bool,
 }
 
+impl SelfTestReport {
+    /// The verdict on `error` against `tolerance`: passed when within it (a NaN error fails).
+    fn judge(dtype: ComputeDtype, what: &str, error: f64, tolerance: f64) -> Self {
+        Self { dtype, what: what.into(), error, tolerance, passed: error <= tolerance }
+    }
+}
+
 /// Fixed, smooth, non-trivial inputs in [-1, 1].
 fn inputs() -> (Vec<f32>, Vec<f32>) {
     let a = (0..M * K).map(|i| ((i as f32) * 0.37).sin()).collect();
@@ -118,7 +125,7 @@ pub fn run(device: &Device, dtype: ComputeDtype) -> SelfTestReport {
         // f32 is never self-tested by the policy; 1e-5 is f32 rounding with room to spare.
         ComputeDtype::F32 => 1e-5,
     };
-    SelfTestReport { dtype, what: format!("{dtype} arithmetic"), error, tolerance, passed: error <= tolerance }
+    SelfTestReport::judge(dtype, &format!("{dtype} arithmetic"), error, tolerance)
 }
 
 /// Runs the linear layers' bf16 product kernel (`cogview_shaders::bf16_product`) on `device`: A·B
@@ -137,13 +144,7 @@ pub fn run_bf16_products(device: &Device) -> SelfTestReport {
     let c = cogview_shaders::bf16_product::bf16_linear_probe(ta, weight);
     let c: Vec<f64> = c.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default().into_iter().map(f64::from).collect();
     let error = max_error(&c, &c_ref, largest(&c_ref));
-    SelfTestReport {
-        dtype: ComputeDtype::Bf16,
-        what: "bf16 matrix products with f32 sums".into(),
-        error,
-        tolerance: PRODUCTS_TOLERANCE,
-        passed: error <= PRODUCTS_TOLERANCE,
-    }
+    SelfTestReport::judge(ComputeDtype::Bf16, "bf16 matrix products with f32 sums", error, PRODUCTS_TOLERANCE)
 }
 
 /// The transformer's attention at head size 40 on f16 tiles with f32 sums: inputs rounded to
@@ -190,13 +191,7 @@ pub fn run_flash(device: &Device, tiles: FlashTiles) -> SelfTestReport {
     let got = cogview_shaders::flash::attention(tensor(q), tensor(k), tensor(v), tiles);
     let got: Vec<f64> = got.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default().into_iter().map(f64::from).collect();
     let error = max_error(&got, &want, largest(&want));
-    SelfTestReport {
-        dtype: ComputeDtype::F16,
-        what: "attention on f16 tiles with f32 sums".into(),
-        error,
-        tolerance: FLASH_TOLERANCE,
-        passed: error <= FLASH_TOLERANCE,
-    }
+    SelfTestReport::judge(ComputeDtype::F16, "attention on f16 tiles with f32 sums", error, FLASH_TOLERANCE)
 }
 
 #[cfg(test)]
