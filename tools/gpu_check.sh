@@ -60,5 +60,5 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     except Exception: print(p.name, "(no JSON)"); continue
     r = d["report"]
     print(p.name, d.get("precision"), d.get("matmul"), d.get("attention"), d.get("matmul_kernel"), {k: round(r[k], 3) for k in ("first_step_seconds", "median_step_seconds") if r.get(k) is not None},
-          r.get("dit_peak"))
+          r.get("dit_peak"), "kernels compiled/tuned", r.get("dit_kernels"))
 PY

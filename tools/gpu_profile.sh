@@ -61,7 +61,7 @@ for part in ${@:-text decode f16 attention}; do
                matmul_ordered_double_cmma_partition_k2_row_count8_rows_per_plane2 matmul_specialized_cyclic_cmma; do
         t "DiT 10 blocks, auto, COGVIEW_MATMUL_KERNEL=$k"
         COGVIEW_MATMUL_KERNEL=$k timeout 90 $COGVIEW bench --preset full --width 1024 --height 1024 --steps 3 --layers 10 --stages denoise --json > /tmp/k.json; echo "rc $?"
-        python3 -c 'import json; d = json.load(open("/tmp/k.json")); r = d["report"]; print(d["matmul_kernel"], d["matmul"], d["attention"], "first", round(r["first_step_seconds"], 3), "median", round(r["median_step_seconds"], 3))' || true
+        python3 -c 'import json; d = json.load(open("/tmp/k.json")); r = d["report"]; print(d["matmul_kernel"], d["matmul"], d["attention"], "first", round(r["first_step_seconds"], 3), "median", round(r["median_step_seconds"], 3), "compiled/tuned", r["dit_kernels"])' || true
       done ;;
     *) echo "unknown part $part (text, decode, f16, attention, kernels)" ;;
   esac

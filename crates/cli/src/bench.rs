@@ -5,6 +5,7 @@ use clap::{Args, ValueEnum};
 use cogview_runtime::bench::{BenchReport, BenchSettings, bench};
 use cogview_runtime::import::ModelFolder;
 use cogview_runtime::models::Configs;
+use cogview_runtime::kernel_activity::Kernels;
 use cogview_runtime::plan::{WeightsChoice, human, parse_size};
 use cogview_runtime::{Quiet, Request, kernel_cache, matmul_kernel};
 
@@ -136,20 +137,24 @@ fn table(r: &BenchReport, device: &str, precision: &str) -> String {
         "{device}, {precision}: {}x{}, {} steps, T5 {} layers, DiT {} layers; weights {}; budget {} ({})\n",
         r.width, r.height, r.steps, r.t5_layers, r.dit_layers, p.storage, human(p.budget.bytes), p.budget.source
     );
-    s += &format!("{:<18}{:>10}{:>10}{:>14}{:>14}{:>16}{:>14}  {}\n", "stage", "seconds", "load s", "peak in use", "reserved", "full depth", "plan", "mode");
+    s += &format!(
+        "{:<18}{:>10}{:>10}{:>14}{:>14}{:>16}{:>14}{:>18}  {}\n",
+        "stage", "seconds", "load s", "peak in use", "reserved", "full depth", "plan", "kernels comp/tuned", "mode"
+    );
     let rows = [
-        ("T5", r.t5_seconds, r.t5_load_seconds, &r.t5_peak, r.t5_peak_full_depth, p.text.peak_bytes, p.text.mode.to_string()),
-        ("VAE encode", r.encode_seconds, r.encode_load_seconds, &r.encode_peak, r.encode_peak.in_use, p.encode_image.map_or(0, |e| e.peak_bytes), p.encode_image.map_or("-".into(), |e| e.mode.to_string())),
-        ("DiT first step", r.first_step_seconds, r.dit_load_seconds, &r.dit_peak, r.dit_peak_full_depth, p.denoise.peak_bytes, p.denoise.mode.to_string()),
-        ("VAE decode", r.vae_seconds, r.vae_load_seconds, &r.vae_peak, r.vae_peak_full_depth, p.decode.peak_bytes, p.decode.mode.to_string()),
+        ("T5", r.t5_seconds, r.t5_load_seconds, &r.t5_peak, r.t5_peak_full_depth, p.text.peak_bytes, r.t5_kernels, p.text.mode.to_string()),
+        ("VAE encode", r.encode_seconds, r.encode_load_seconds, &r.encode_peak, r.encode_peak.in_use, p.encode_image.map_or(0, |e| e.peak_bytes), r.encode_kernels, p.encode_image.map_or("-".into(), |e| e.mode.to_string())),
+        ("DiT first step", r.first_step_seconds, r.dit_load_seconds, &r.dit_peak, r.dit_peak_full_depth, p.denoise.peak_bytes, r.dit_kernels, p.denoise.mode.to_string()),
+        ("VAE decode", r.vae_seconds, r.vae_load_seconds, &r.vae_peak, r.vae_peak_full_depth, p.decode.peak_bytes, r.vae_kernels, p.decode.mode.to_string()),
     ];
-    for (name, secs, load, peak, full, plan, mode) in rows {
+    for (name, secs, load, peak, full, plan, kernels, mode) in rows {
         s += &format!(
-            "{name:<18}{secs:>10.3}{load:>10.3}{:>14}{:>14}{:>16}{:>14}  {mode}\n",
+            "{name:<18}{secs:>10.3}{load:>10.3}{:>14}{:>14}{:>16}{:>14}{:>18}  {mode}\n",
             mib(peak.in_use),
             mib(peak.reserved),
             mib(full),
-            human(plan)
+            human(plan),
+            format!("{}/{}", kernels.compiled, kernels.tuned)
         );
     }
     s += &format!("{:<18}{:>10.3}\n", "DiT median step", r.median_step_seconds);
@@ -219,17 +224,19 @@ pub fn warmup(args: WarmupArgs, quiet: bool) -> Result<()> {
     };
     let start = std::time::Instant::now();
     let mut bars = Bars::new(quiet);
-    bench(&configs, &settings, &target, &mut bars)?;
+    let report = bench(&configs, &settings, &target, &mut bars)?;
     cogview_runtime::Progress::finish(&mut bars);
     if quiet {
         return Ok(());
     }
     let seconds = start.elapsed().as_secs_f64();
+    let k = [report.t5_kernels, report.dit_kernels, report.vae_kernels];
+    let kernels = Kernels { compiled: k.iter().map(|k| k.compiled).sum(), tuned: k.iter().map(|k| k.tuned).sum() };
     match cache {
         Some(c) => {
             let (entries, bytes) = kernel_cache::size_of(&c.entries);
             println!(
-                "{} in {}: {}x{} warmed up in {seconds:.1} s; the kernel cache {} holds {entries} entries ({})",
+                "{} in {}: {}x{} warmed up in {seconds:.1} s ({kernels}); the kernel cache {} holds {entries} entries ({})",
                 target.adapter.label(),
                 target.precision.summary(),
                 args.width,

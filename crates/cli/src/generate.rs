@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -11,6 +12,7 @@ use cogview_runtime::guard::CheckFinite;
 use cogview_runtime::import::ModelFolder;
 use cogview_runtime::import::hub::Files;
 use cogview_runtime::init_image::InitImage;
+use cogview_runtime::kernel_activity::{self, Kernels};
 use cogview_runtime::metadata::Settings;
 use cogview_runtime::output::{read_latents, save_png, save_tensors};
 use cogview_runtime::pipeline::plan_folder;
@@ -132,6 +134,9 @@ pub(crate) struct Bars {
     quiet: bool,
     stage: &'static str,
     total: usize,
+    /// Kernels compiled and tuned when the bar last moved (the bar says "compiling" while the
+    /// count grows past it; the log says what each step compiled).
+    at_step: Arc<Mutex<Kernels>>,
 }
 
 /// A rate as people read it: `2.5 it/s`, or `4.0 s/it` below one step a second.
@@ -145,7 +150,29 @@ fn rate(per_second: f64) -> String {
 
 impl Bars {
     pub(crate) fn new(quiet: bool) -> Self {
-        Bars { bar: None, terminal: std::io::stderr().is_terminal(), quiet, stage: "", total: 0 }
+        Bars { bar: None, terminal: std::io::stderr().is_terminal(), quiet, stage: "", total: 0, at_step: Default::default() }
+    }
+
+    /// Marks the kernels counted so far; returns what was compiled and tuned since the last mark.
+    fn mark(&self) -> Kernels {
+        let now = Kernels::now();
+        let mut at = self.at_step.lock().unwrap_or_else(|e| e.into_inner());
+        now.since(std::mem::replace(&mut *at, now))
+    }
+}
+
+/// The end of the bar: the step rate and the time left, or, while a step compiles GPU kernels
+/// (where a first run on an adapter spends most of its time, with no rate to show), how many so
+/// far and, when the last one was a while ago, how long (a compilation that takes long).
+fn status(s: &indicatif::ProgressState, at_step: &Mutex<Kernels>) -> String {
+    let at = *at_step.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Kernels::now();
+    match kernel_activity::last_compiled() {
+        Some((_, ago)) if now.compiled > at.compiled => {
+            let wait = if ago.as_secs() >= 5 { format!(", last {} s ago", ago.as_secs()) } else { String::new() };
+            format!("compiling kernels {}, tuned {}{wait}", now.compiled, now.tuned)
+        }
+        _ => format!("{} eta {:#}", rate(s.per_sec()), indicatif::HumanDuration(s.eta())),
     }
 }
 
@@ -160,11 +187,13 @@ impl Progress for Bars {
         if self.quiet {
             return;
         }
+        self.mark();
         if self.terminal {
-            let style = ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {rate} eta {eta} {elapsed}")
+            let at_step = self.at_step.clone();
+            let style = ProgressStyle::with_template("{prefix:>8} [{bar:24}] {pos}/{len} {elapsed} {status}")
                 .expect("valid template")
-                .with_key("rate", |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
-                    let _ = w.write_str(&rate(s.per_sec()));
+                .with_key("status", move |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = w.write_str(&status(s, &at_step));
                 })
                 .progress_chars("=> ");
             let bar = ProgressBar::new(steps as u64).with_style(style).with_prefix(name);
@@ -179,14 +208,16 @@ impl Progress for Bars {
         if self.quiet {
             return;
         }
+        let kernels = self.mark();
+        let compiled = if kernels.is_empty() { String::new() } else { format!(" ({kernels})") };
         match &self.bar {
             Some(b) => b.set_position(done as u64),
             None if self.total > 1 => {
                 let per_second = done as f64 / elapsed.as_secs_f64().max(1e-9);
                 let eta = (self.total - done) as f64 / per_second.max(1e-9);
-                tracing::info!("{} {done}/{}: {}, eta {eta:.0} s", self.stage, self.total, rate(per_second));
+                tracing::info!("{} {done}/{}: {}, eta {eta:.0} s{compiled}", self.stage, self.total, rate(per_second));
             }
-            None => tracing::info!("{} done in {:.1} s", self.stage, elapsed.as_secs_f64()),
+            None => tracing::info!("{} done in {:.1} s{compiled}", self.stage, elapsed.as_secs_f64()),
         }
     }
 
@@ -398,6 +429,16 @@ pub fn run(mut args: GenerateArgs, quiet: bool, explicit: &dyn Fn(&str) -> bool)
         mib(out.denoise.peak.in_use),
         mib(out.decode.peak.in_use)
     );
+    if pipeline_needs_kernels(pipeline.target()) {
+        // What the run spent compiling and tuning: all of a first run's slowness, none of a
+        // warm one's (where the kernel cache holds compiled kernels: SPIR-V and MSL, not WGSL).
+        let stages = [("encode", Some(&out.text)), ("image", out.encode_image.as_ref()), ("denoise", Some(&out.denoise)), ("decode", Some(&out.decode))];
+        let each: Vec<String> = stages
+            .iter()
+            .filter_map(|(name, s)| s.map(|s| format!("{name} {}/{}", s.kernels.compiled, s.kernels.tuned)))
+            .collect();
+        eprintln!("GPU kernels compiled/tuned: {}", each.join(", "));
+    }
     Ok(())
 }
 

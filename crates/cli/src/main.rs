@@ -15,6 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use cogview_runtime::{BackendChoice, DeviceChoice, Precision};
+use tracing_subscriber::prelude::*;
 
 #[derive(Parser)]
 #[command(name = "cogview", version, about, long_about = None)]
@@ -108,12 +109,14 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("COGVIEW_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{noise},cogview={level}")));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let print = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
-        .init();
+        .with_filter(filter);
+    // Beside what is printed, CubeCL's compilations and tunings are counted (progress bars,
+    // summaries, bench reports).
+    tracing_subscriber::registry().with(print).with(cogview_runtime::kernel_activity::layer()).init();
     if let Some(cache) = &cli.kernel_cache {
         cogview_runtime::kernel_cache::set_location(match cache.as_str() {
             "off" => cogview_runtime::kernel_cache::CacheLocation::Off,

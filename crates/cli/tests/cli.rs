@@ -333,6 +333,10 @@ fn bench_reports_every_stage() {
         assert!(v["report"][key].as_f64().is_some_and(|s| s > 0.0), "{key} in {v}");
     }
     assert_eq!(v["report"]["dit_layers"], 2);
+    // burn's CPU backend compiles no GPU kernel (the counts on a GPU: the kernel-cache tests).
+    for key in ["t5_kernels", "dit_kernels", "vae_kernels"] {
+        assert_eq!(v["report"][key], serde_json::json!({"compiled": 0, "tuned": 0}), "{key} in {v}");
+    }
     // The whole image of the pipeline's 50 steps, from the stages: more than the 2 steps run.
     let r = &v["report"];
     let f = |k: &str| r[k].as_f64().unwrap();

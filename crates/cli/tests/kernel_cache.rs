@@ -58,6 +58,16 @@ fn reads(log: &str) -> usize {
         .sum()
 }
 
+/// Kernels compiled and autotune keys tuned over the run's stages, from `generate`'s summary line
+/// (`GPU kernels compiled/tuned: encode 65/15, denoise 64/24, decode 24/15`).
+fn kernels(log: &str) -> (u64, u64) {
+    let line = log.lines().find_map(|l| l.strip_prefix("GPU kernels compiled/tuned: ")).unwrap_or_else(|| panic!("no kernel counts:\n{log}"));
+    line.split(", ").fold((0, 0), |(c, t), stage| {
+        let (compiled, tuned) = stage.rsplit(' ').next().and_then(|n| n.split_once('/')).expect("stage c/t");
+        (c + compiled.parse::<u64>().unwrap(), t + tuned.parse::<u64>().unwrap())
+    })
+}
+
 /// The entry files under `dir` (not the temporary ones), at any depth.
 fn entries(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -82,9 +92,11 @@ fn pixels(png: &Path) -> Vec<u8> {
     buf
 }
 
-/// The first process compiles and tunes (and says so); the second reads the entries and makes
-/// the same image. Then every entry is damaged: the third process ignores them, makes the same
-/// image, and leaves intact entries behind, which a fourth reads again.
+/// The first process compiles and tunes (and says so, and counts what it tuned); the second
+/// reads the entries, tunes nothing and makes the same image. Then every entry is damaged: the
+/// third process ignores them, tunes again, makes the same image, and leaves intact entries
+/// behind, which a fourth reads again. (WGSL kernels are compiled in every process: lavapipe's
+/// compiler is not cached; SPIR-V is.)
 #[test]
 fn later_processes_read_the_cache_and_a_damaged_entry_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
@@ -94,6 +106,8 @@ fn later_processes_read_the_cache_and_a_damaged_entry_is_rebuilt() {
     let first = run("first", Cache::Flag(&cache), &png(1));
     assert!(first.contains("first run on this adapter and driver"), "{first}");
     assert_eq!(reads(&first), 0, "{first}");
+    let (compiled, tuned) = kernels(&first);
+    assert!(compiled > 0 && tuned > 0, "a first run compiled {compiled} and tuned {tuned}:\n{first}");
     let written = entries(&cache);
     assert!(!written.is_empty(), "nothing cached in {}", cache.display());
     // One environment, named for cogview's version and the driver.
@@ -103,6 +117,8 @@ fn later_processes_read_the_cache_and_a_damaged_entry_is_rebuilt() {
     let second = run("second", Cache::Flag(&cache), &png(2));
     assert!(!second.contains("first run on this adapter"), "{second}");
     assert!(reads(&second) > 0, "the second process read nothing:\n{second}");
+    let (compiled, tuned) = kernels(&second);
+    assert!(compiled > 0 && tuned == 0, "the second process compiled {compiled} and tuned {tuned}:\n{second}");
     assert_eq!(pixels(&png(2)), pixels(&png(1)), "the cached kernels gave another image");
     assert_eq!(entries(&cache), written, "the second process found everything it needed");
 
@@ -119,12 +135,13 @@ fn later_processes_read_the_cache_and_a_damaged_entry_is_rebuilt() {
         .collect();
     let third = run("third", Cache::Flag(&cache), &png(3));
     assert!(third.contains("not an intact entry"), "the damage went unnoticed:\n{third}");
+    assert!(kernels(&third).1 > 0, "nothing was tuned again:\n{third}");
     assert_eq!(pixels(&png(3)), pixels(&png(1)), "a damaged cache changed the image");
     for (f, bad) in written.iter().zip(&damaged) {
         assert_ne!(&std::fs::read(f).unwrap(), bad, "{} was not rewritten", f.display());
     }
     let fourth = run("fourth", Cache::Flag(&cache), &png(4));
-    assert!(reads(&fourth) > 0 && !fourth.contains("not an intact entry"), "{fourth}");
+    assert!(reads(&fourth) > 0 && !fourth.contains("not an intact entry") && kernels(&fourth).1 == 0, "{fourth}");
     assert_eq!(pixels(&png(4)), pixels(&png(1)));
 }
 

@@ -18,6 +18,7 @@ use crate::pipeline::{Options, Pipeline, StageStats, plan_for};
 use crate::plan::{Plan, Residency, WeightsChoice};
 use crate::progress::Progress;
 use crate::init_image::InitImage;
+use crate::kernel_activity::Kernels;
 use crate::request::{Request, seeded_noise};
 use crate::target::Target;
 use crate::text::Conditioning;
@@ -73,6 +74,12 @@ pub struct BenchReport {
     pub encode_peak: PeakMemory,
     pub dit_peak: PeakMemory,
     pub vae_peak: PeakMemory,
+    /// GPU kernels compiled and autotune keys tuned in each stage: a cold process's compile
+    /// budget, stage by stage (a warm one compiles only what the kernel cache cannot hold).
+    pub t5_kernels: Kernels,
+    pub encode_kernels: Kernels,
+    pub dit_kernels: Kernels,
+    pub vae_kernels: Kernels,
     /// Stored weight bytes of one DiT block and one T5 block (for extrapolating `--layers`
     /// runs to the full depth).
     pub dit_block_weight_bytes: u64,
@@ -242,6 +249,10 @@ pub fn bench(full: &Configs, settings: &BenchSettings, target: &Target, progress
         encode_peak: encode.peak,
         dit_peak: denoise.peak,
         vae_peak: decode.peak,
+        t5_kernels: text.kernels,
+        encode_kernels: encode.kernels,
+        dit_kernels: denoise.kernels,
+        vae_kernels: decode.kernels,
         dit_block_weight_bytes: dit_block,
         t5_block_weight_bytes: t5_block,
         t5_peak_full_depth: full_depth(&text, plan.text.mode, blocks(full.text_encoder.num_layers, configs.text_encoder.num_layers) * t5_block),

@@ -2,7 +2,6 @@
 //! `enable_tiling` when the plan says so), then denormalised and clamped as
 //! `VaeImageProcessor.postprocess` does, and rounded to 8 bits as numpy does.
 
-use std::time::Instant;
 
 use burn::tensor::{DType, Device, FloatDType, Tensor};
 use cogview_import::Component;
@@ -12,7 +11,7 @@ use cogview_models::vae::Decoder;
 use crate::error::RuntimeError;
 use crate::guard::{Call, CallProbe, Guarded, count_nonfinite};
 use crate::memory::PeakMemory;
-use crate::pipeline::{Model, Run, StageStats};
+use crate::pipeline::{Model, Run, StageClock, StageStats};
 use crate::plan::Tiling;
 use crate::progress::{Progress, Stage};
 
@@ -56,8 +55,7 @@ pub(crate) fn decode(run: &mut Run<impl Progress>, kept: &mut Option<ImageDecode
     let device = &run.target.device;
     let scaling = run.model.configs.vae.scaling_factor;
     run.progress.stage(Stage::Decoder, latents.len());
-    let start = Instant::now();
-    let loaded = run.model.load_seconds();
+    let clock = StageClock::start(run.model);
     let mut peak = PeakMemory::default();
     let mut vae = match kept.take() {
         Some(d) if d.dtype == compute => d,
@@ -77,14 +75,14 @@ pub(crate) fn decode(run: &mut Run<impl Progress>, kept: &mut Option<ImageDecode
                 let image = decoded.mul_scalar(0.5).add_scalar(0.5).clamp(0.0, 1.0).cast(FloatDType::F32);
                 let (pixels, shape) = host(&image);
                 images.push(Decoded { pixels, shape });
-                run.progress.step(images.len(), start.elapsed());
+                run.progress.step(images.len(), clock.elapsed());
             }
             Guarded::RedoInF32 => vae = ImageDecoder::load(run.model, device, DType::F32, WeightStorage::Compute)?,
         }
     }
     let keep = run.plan.keep.vae && vae.dtype == compute;
     run.release(kept, vae, keep);
-    Ok((images, StageStats::since(start, run.model, loaded, peak)))
+    Ok((images, clock.stats(run.model, peak)))
 }
 
 /// A tensor's values as f32 host data, with its shape.

@@ -13,7 +13,7 @@ use cogview_models::{Probe, WeightSource, WeightStorage};
 use crate::error::RuntimeError;
 use crate::guard::{Call, CallProbe, Guarded, count_nonfinite};
 use crate::memory::PeakMemory;
-use crate::pipeline::{Model, Run, StageStats};
+use crate::pipeline::{Model, Run, StageClock, StageStats};
 use crate::plan::Residency;
 use crate::progress::{Progress, Stage};
 use crate::request::Request;
@@ -148,8 +148,7 @@ pub(crate) fn denoise(
     let mode = run.plan.denoise.mode;
     let total: usize = starts.iter().map(|s| s.scheduler.timesteps.len() - s.first).sum();
     run.progress.stage(Stage::Transformer, total);
-    let start = Instant::now();
-    let loaded = run.model.load_seconds();
+    let clock = StageClock::start(run.model);
     let mut peak = PeakMemory::default();
     if total == 0 {
         // img2img at strength 0: nothing to denoise, the transformer is not even loaded.
@@ -176,13 +175,13 @@ pub(crate) fn denoise(
             out.step_seconds.push(step_start.elapsed().as_secs_f64());
             out.guard_seconds.push(guard_seconds);
             done += 1;
-            run.progress.step(done, start.elapsed());
+            run.progress.step(done, clock.elapsed());
         }
         outputs.push(out);
     }
     let keep = run.plan.keep.transformer && dit.dtype() == compute;
     run.release(kept, dit, keep);
-    Ok((outputs, StageStats::since(start, run.model, loaded, peak)))
+    Ok((outputs, clock.stats(run.model, peak)))
 }
 
 /// One step: the transformer on the latents (doubled with guidance), guidance, the scheduler.

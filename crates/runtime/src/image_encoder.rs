@@ -3,7 +3,6 @@
 //! posterior mean, so no randomness) times the scaling factor, the encoder tiled like
 //! diffusers' `_tiled_encode` when the plan says so.
 
-use std::time::Instant;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use cogview_import::Component;
@@ -13,7 +12,7 @@ use cogview_models::{Probe, WeightStorage};
 use crate::error::RuntimeError;
 use crate::guard::{Call, CallProbe, Guarded, count_nonfinite};
 use crate::memory::PeakMemory;
-use crate::pipeline::{Model, Run, StageStats};
+use crate::pipeline::{Model, Run, StageClock, StageStats};
 use crate::plan::Tiling;
 use crate::progress::{Progress, Stage};
 use crate::request::Request;
@@ -59,8 +58,7 @@ pub(crate) fn encode_images(
     let device = &run.target.device;
     let scaling = run.model.configs.vae.scaling_factor;
     run.progress.stage(Stage::ImageEncoder, requests.iter().filter(|r| r.init_image.is_some()).count());
-    let start = Instant::now();
-    let loaded = run.model.load_seconds();
+    let clock = StageClock::start(run.model);
     let mut peak = PeakMemory::default();
     let mut vae = match kept.take() {
         Some(e) if e.dtype == compute => e,
@@ -83,12 +81,12 @@ pub(crate) fn encode_images(
             Guarded::Finite(moments, _) => {
                 peak.sample(device);
                 latents.push(Some(Encoder::mode(moments).mul_scalar(scaling)));
-                run.progress.step(latents.iter().flatten().count(), start.elapsed());
+                run.progress.step(latents.iter().flatten().count(), clock.elapsed());
             }
             Guarded::RedoInF32 => vae = ImageEncoder::load(run.model, device, DType::F32, WeightStorage::Compute)?,
         }
     }
     let keep = run.plan.keep.image_encoder && vae.dtype == compute;
     run.release(kept, vae, keep);
-    Ok((latents, StageStats::since(start, run.model, loaded, peak)))
+    Ok((latents, clock.stats(run.model, peak)))
 }

@@ -94,30 +94,37 @@ pub fn environment_name(adapter: &AdapterInfo) -> String {
     format!("cogview-{}-{hash:016x}", env!("CARGO_PKG_VERSION"))
 }
 
-/// Points CubeCL's environment at the cache for `adapter`, once per process, before its first
-/// GPU device starts; later calls return the first one's cache. `None`: nothing persists
-/// (turned off, no cache directory, or CubeCL's configuration was already read).
+/// Sets CubeCL's configuration once per process, before its first GPU device starts: the
+/// environment pointed at the cache for `adapter`, and the loggers
+/// [`kernel_activity`](crate::kernel_activity) counts from. Later calls return the first one's
+/// cache. `None`: nothing persists (turned off, no cache directory, or CubeCL's configuration was
+/// already read).
 pub fn activate(adapter: &AdapterInfo) -> Option<KernelCache> {
     activated()
         .get_or_init(|| {
             let location = requested().lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let dir = dir_of(&location)?;
-            let environment = environment_name(adapter);
-            let entries = entries_dir(&dir, &environment);
-            let fresh = !has_entries(&entries);
             // CubeCL's own configuration (cubecl.toml, CUBECL_* variables), with the environment
             // set here and compiled kernels cached (autotune results are unless cubecl.toml says
             // `autotune.disable_cache`).
             let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
-            config.environment.name = environment.clone();
-            config.environment.path = CacheConfig::Directory(dir.clone());
-            config.compilation.cache = true;
+            crate::kernel_activity::configure(&mut config);
+            let cache = dir_of(&location).map(|dir| {
+                let environment = environment_name(adapter);
+                let entries = entries_dir(&dir, &environment);
+                let fresh = !has_entries(&entries);
+                config.environment.name = environment.clone();
+                config.environment.path = CacheConfig::Directory(dir.clone());
+                config.compilation.cache = true;
+                KernelCache { dir, environment, entries, fresh }
+            });
             if !CubeClRuntimeConfig::try_set(config) {
-                tracing::warn!("CubeCL's configuration was read before cogview chose the kernel cache; kernels are not cached");
+                tracing::warn!("CubeCL's configuration was read before cogview set it; kernels are not cached and not counted");
                 return None;
             }
-            tracing::info!(dir = %entries.display(), fresh, "kernel cache");
-            Some(KernelCache { dir, environment, entries, fresh })
+            if let Some(c) = &cache {
+                tracing::info!(dir = %c.entries.display(), fresh = c.fresh, "kernel cache");
+            }
+            cache
         })
         .clone()
 }

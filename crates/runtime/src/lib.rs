@@ -41,6 +41,7 @@ pub mod error;
 pub mod guard;
 pub mod image_encoder;
 pub mod init_image;
+pub mod kernel_activity;
 pub mod kernel_cache;
 pub mod memory;
 pub mod metadata;

@@ -13,7 +13,7 @@
 //! Reference: huggingface/diffusers `src/diffusers/pipelines/cogview3/pipeline_cogview3plus.py`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use cogview_import::{Component, ModelFolder};
@@ -26,6 +26,7 @@ use crate::image_encoder::{ImageEncoder, encode_images};
 use crate::denoise::{Denoised, Denoiser, Start, denoise};
 use crate::error::RuntimeError;
 use crate::guard::{CheckFinite, Guard};
+use crate::kernel_activity::Kernels;
 use crate::memory::PeakMemory;
 use crate::plan::{self, Budget, Plan, PlanInput, WeightsChoice};
 use crate::progress::{Progress, Stage};
@@ -95,13 +96,34 @@ pub struct StageStats {
     /// The part of `seconds` spent loading the component's weights ([`Model::load`]).
     pub load_seconds: f64,
     pub peak: PeakMemory,
+    /// GPU kernels compiled and tuned during the stage (none when the kernel cache had them).
+    pub kernels: Kernels,
 }
 
-impl StageStats {
-    /// The stats of a stage that began at `start`, when the model had loaded for `loaded`
-    /// seconds.
-    pub(crate) fn since(start: Instant, model: &Model, loaded: f64, peak: PeakMemory) -> Self {
-        Self { seconds: start.elapsed().as_secs_f64(), load_seconds: model.load_seconds() - loaded, peak }
+/// A stage's start: the time, the model's loading time so far and the kernel counts.
+pub(crate) struct StageClock {
+    start: Instant,
+    loaded: f64,
+    kernels: Kernels,
+}
+
+impl StageClock {
+    pub(crate) fn start(model: &Model) -> Self {
+        StageClock { start: Instant::now(), loaded: model.load_seconds(), kernels: Kernels::now() }
+    }
+
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// The stats of the stage so far, with its `peak` memory.
+    pub(crate) fn stats(&self, model: &Model, peak: PeakMemory) -> StageStats {
+        StageStats {
+            seconds: self.start.elapsed().as_secs_f64(),
+            load_seconds: model.load_seconds() - self.loaded,
+            peak,
+            kernels: Kernels::now().since(self.kernels),
+        }
     }
 }
 

@@ -5,7 +5,6 @@
 //! (0.5 GB) stays on the CPU and only the looked-up rows go to the device.
 
 use std::cell::Cell;
-use std::time::Instant;
 
 use burn::tensor::{DType, Device, Tensor};
 use cogview_import::Component;
@@ -15,7 +14,7 @@ use cogview_models::{Probe, WeightSource, WeightStorage};
 use crate::error::RuntimeError;
 use crate::guard::{Call, CallProbe, Guarded, count_nonfinite};
 use crate::memory::PeakMemory;
-use crate::pipeline::{Model, Run, StageStats};
+use crate::pipeline::{Model, Run, StageClock, StageStats};
 use crate::plan::Residency;
 use crate::progress::{Progress, Stage};
 use crate::request::Request;
@@ -180,8 +179,7 @@ pub struct Encoded {
 /// is redone in f32 with a streamed encoder). `kept` is the encoder a previous run left loaded;
 /// the encoder is left there again when the plan keeps it.
 pub(crate) fn encode_prompts(run: &mut Run<impl Progress>, kept: &mut Option<TextEncoder>, requests: &[Request]) -> Result<Encoded, RuntimeError> {
-    let start = Instant::now();
-    let loaded = run.model.load_seconds();
+    let clock = StageClock::start(run.model);
     let compute = run.compute();
     let mode = run.plan.text.mode;
     let storage = run.plan.text_storage();
@@ -223,7 +221,7 @@ pub(crate) fn encode_prompts(run: &mut Run<impl Progress>, kept: &mut Option<Tex
                     continue 'stage;
                 }
             }
-            run.progress.step(i + 1, start.elapsed());
+            run.progress.step(i + 1, clock.elapsed());
         }
         break done;
     };
@@ -242,5 +240,5 @@ pub(crate) fn encode_prompts(run: &mut Run<impl Progress>, kept: &mut Option<Tex
         .collect();
     let keep = run.plan.keep.text && encoder.dtype() == compute;
     run.release(kept, encoder, keep);
-    Ok(Encoded { conditionings, encoder_calls, stats: StageStats::since(start, run.model, loaded, peak) })
+    Ok(Encoded { conditionings, encoder_calls, stats: clock.stats(run.model, peak) })
 }

@@ -4,6 +4,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use cogview_runtime::Output;
+use cogview_runtime::kernel_activity::Kernels;
 
 use crate::jobs::Status;
 
@@ -84,6 +85,12 @@ impl Metrics {
         s += &format!("cogview_step_seconds_sum {}\ncogview_step_seconds_count {}\n", c.step_seconds, c.steps);
         s += "# HELP cogview_job_seconds_total Seconds spent running jobs.\n# TYPE cogview_job_seconds_total counter\n";
         s += &format!("cogview_job_seconds_total {}\n", c.job_seconds);
+        // A server that compiles or tunes after its first jobs meets a new size or plan.
+        let kernels = Kernels::now();
+        s += "# HELP cogview_kernels_compiled_total GPU kernels compiled (not read from the kernel cache).\n# TYPE cogview_kernels_compiled_total counter\n";
+        s += &format!("cogview_kernels_compiled_total {}\n", kernels.compiled);
+        s += "# HELP cogview_kernels_tuned_total Autotune keys tuned (not read from the kernel cache).\n# TYPE cogview_kernels_tuned_total counter\n";
+        s += &format!("cogview_kernels_tuned_total {}\n", kernels.tuned);
         if let Some(b) = c.peak_bytes {
             s += "# HELP cogview_peak_memory_bytes The most device memory a stage of the last job held.\n# TYPE cogview_peak_memory_bytes gauge\n";
             s += &format!("cogview_peak_memory_bytes {b}\n");
