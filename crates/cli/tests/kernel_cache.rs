@@ -11,13 +11,12 @@ fn base() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/base/pipeline").to_string_lossy().into_owned()
 }
 
-/// `cogview generate` of the tiny fixture on lavapipe into `png`, with the cache flag given (or
-/// the `COGVIEW_KERNEL_CACHE` variable), logging the cache's reads and damaged entries.
-fn generate(cache: Cache, png: &Path) -> Command {
+/// `cogview ARGS` on lavapipe, f32, with the cache flag given (or the `COGVIEW_KERNEL_CACHE`
+/// variable), logging the cache's reads and damaged entries.
+fn cogview(args: &[&str], cache: Cache) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_cogview"));
-    c.args(["generate", "--model", &base(), "--prompt", "a red fox", "--steps", "2", "--width", "32", "--height", "32"])
-        .args(["--seed", "5", "--backend", "vulkan", "--precision", "f32", "--overwrite", "-o"])
-        .arg(png)
+    c.args(args)
+        .args(["--backend", "vulkan", "--precision", "f32"])
         .env_remove("COGVIEW_DEVICE")
         .env_remove("COGVIEW_BACKEND")
         .env_remove("COGVIEW_PRECISION")
@@ -28,6 +27,13 @@ fn generate(cache: Cache, png: &Path) -> Command {
         Cache::Flag(dir) => c.arg("--kernel-cache").arg(dir),
         Cache::Env(dir) => c.env("COGVIEW_KERNEL_CACHE", dir),
     };
+    c
+}
+
+/// `cogview generate` of the tiny fixture on lavapipe into `png`.
+fn generate(cache: Cache, png: &Path) -> Command {
+    let mut c = cogview(&["generate", "--model", &base(), "--prompt", "a red fox", "--steps", "2", "--width", "32", "--height", "32"], cache);
+    c.args(["--seed", "5", "--overwrite", "-o"]).arg(png);
     c
 }
 
@@ -143,6 +149,22 @@ fn later_processes_read_the_cache_and_a_damaged_entry_is_rebuilt() {
     let fourth = run("fourth", Cache::Flag(&cache), &png(4));
     assert!(reads(&fourth) > 0 && !fourth.contains("not an intact entry") && kernels(&fourth).1 == 0, "{fourth}");
     assert_eq!(pixels(&png(4)), pixels(&png(1)));
+}
+
+/// `cogview warmup` of a size compiles and tunes what a `generate` of that size needs: the
+/// `generate` after it tunes nothing. (Its memory samples once made the warmup's fused kernels
+/// end where a `generate`'s do not, leaving three products to tune.)
+#[test]
+fn a_warmup_leaves_nothing_to_tune() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("kernels");
+    let out = cogview(&["warmup", "--config", &base(), "-W", "32", "-H", "32"], Cache::Flag(&cache)).output().expect("cogview runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    finish("warmup", out);
+    let tuned: u64 = stdout.split(" kernels compiled, ").nth(1).and_then(|t| t.split(" tuned").next()?.parse().ok()).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(tuned > 0, "the warmup tuned nothing: {stdout}");
+    let after = run("generate after the warmup", Cache::Flag(&cache), &dir.path().join("after.png"));
+    assert_eq!(kernels(&after).1, 0, "the generate after the warmup tuned:\n{after}");
 }
 
 /// Two processes filling one empty cache at once (given by the environment variable) both

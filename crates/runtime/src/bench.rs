@@ -41,6 +41,10 @@ pub struct BenchSettings {
     pub stages: [bool; 4],
     /// burn's attention in head groups instead of flash (the path before it), to compare.
     pub grouped_attention: bool,
+    /// Sample device memory at every module output (the report's peaks). Each sample waits for
+    /// the device, which also ends burn's fused kernels there: the run then compiles and tunes
+    /// some kernels a `generate` never launches. `cogview warmup` turns it off.
+    pub sample_memory: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -69,7 +73,7 @@ pub struct BenchReport {
     /// img2img's encoder without loading its weights (0 when the stage did not run).
     pub encode_seconds: f64,
     pub encode_load_seconds: f64,
-    /// Measured from the allocator at every module output.
+    /// Measured from the allocator at every module output (with `sample_memory`).
     pub t5_peak: PeakMemory,
     pub encode_peak: PeakMemory,
     pub dit_peak: PeakMemory,
@@ -197,7 +201,7 @@ pub fn bench(full: &Configs, settings: &BenchSettings, target: &Target, progress
         None => full.clone(),
     };
     let dtype = target.precision.dtype.dtype();
-    let options = Options { weights: settings.weights, max_memory: settings.max_memory, sample_modules: true, ..Options::default() };
+    let options = Options { weights: settings.weights, max_memory: settings.max_memory, sample_modules: settings.sample_memory, ..Options::default() };
     let mut request = Request::new("a benchmark");
     (request.width, request.height, request.steps) = (settings.width, settings.height, settings.steps);
     request.max_sequence_length = settings.text_len;
