@@ -163,17 +163,22 @@ impl Bars {
 
 /// The end of the bar: the step rate and the time left, or, while a step compiles GPU kernels
 /// (where a first run on an adapter spends most of its time, with no rate to show), how many so
-/// far and, when the last one was a while ago, how long (a compilation that takes long).
+/// far and, when the last one finished a while ago, which and when (a compilation that takes
+/// long, or does not end).
 fn status(s: &indicatif::ProgressState, at_step: &Mutex<Kernels>) -> String {
     let at = *at_step.lock().unwrap_or_else(|e| e.into_inner());
-    let now = Kernels::now();
-    match kernel_activity::last_compiled() {
-        Some((_, ago)) if now.compiled > at.compiled => {
-            let wait = if ago.as_secs() >= 5 { format!(", last {} s ago", ago.as_secs()) } else { String::new() };
-            format!("compiling kernels {}, tuned {}{wait}", now.compiled, now.tuned)
-        }
-        _ => format!("{} eta {:#}", rate(s.per_sec()), indicatif::HumanDuration(s.eta())),
-    }
+    compile_status(Kernels::now(), at, kernel_activity::last_compiled())
+        .unwrap_or_else(|| format!("{} eta {:#}", rate(s.per_sec()), indicatif::HumanDuration(s.eta())))
+}
+
+/// What the bar says while kernels compiled since the step began (`now` past `at`): the counts
+/// so far, and the last kernel compiled when it finished 5 s ago or more. `None` otherwise.
+fn compile_status(now: Kernels, at: Kernels, last: Option<(String, Duration)>) -> Option<String> {
+    let (name, ago) = last.filter(|_| now.compiled > at.compiled)?;
+    // `cubek_matmul::…::MatmulEntry` → `MatmulEntry`.
+    let short = name.rsplit("::").next().unwrap_or(&name);
+    let wait = if ago.as_secs() >= 5 { format!(", last ({short}) {} s ago", ago.as_secs()) } else { String::new() };
+    Some(format!("compiling kernels {}, tuned {}{wait}", now.compiled, now.tuned))
 }
 
 impl Progress for Bars {
@@ -527,5 +532,17 @@ mod tests {
         assert_eq!(rate(0.25), "4.0 s/it");
         assert_eq!(rate(2.5), "2.50 it/s");
         assert_eq!(rate(1.0), "1.00 it/s");
+    }
+
+    /// The bar speaks of compiling only while the step compiles, and names the last kernel when
+    /// it finished long ago.
+    #[test]
+    fn the_bar_says_when_a_step_compiles() {
+        let k = |compiled, tuned| Kernels { compiled, tuned };
+        let last = |secs| Some(("cubek_matmul::multi_level::MatmulEntry".to_string(), Duration::from_secs(secs)));
+        assert_eq!(compile_status(k(10, 2), k(10, 2), last(1)), None, "nothing compiled in this step");
+        assert_eq!(compile_status(k(0, 0), k(0, 0), None), None);
+        assert_eq!(compile_status(k(12, 3), k(10, 2), last(1)).as_deref(), Some("compiling kernels 12, tuned 3"));
+        assert_eq!(compile_status(k(12, 3), k(10, 2), last(42)).as_deref(), Some("compiling kernels 12, tuned 3, last (MatmulEntry) 42 s ago"));
     }
 }

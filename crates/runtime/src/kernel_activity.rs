@@ -1,7 +1,7 @@
 //! What CubeCL compiles and tunes while cogview runs, counted as it happens: a first run on an
-//! adapter spends most of its time there (issue: seconds, not minutes), so the progress bar says
-//! so, `generate` and `cogview bench` report it per stage, and a run that seems to hang names the
-//! last kernel compiled.
+//! adapter spends most of its time there, so the progress bar says so, `generate` and
+//! `cogview bench` report it per stage, and a run that seems to hang names the last kernel
+//! compiled and when.
 //!
 //! CubeCL tells it through its loggers. [`configure`] adds a `log`-crate sink to two of them:
 //! compilation at its basic level (`[Compiling kernel] NAME`, one line per kernel compiled; a
