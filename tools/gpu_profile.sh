@@ -2,7 +2,7 @@
 # Where the GPU time goes (issue 15 items 2 and 3), for a session that has the device and time left
 # after tools/gpu_check.sh. Here first: ../shared/gpu/prepare.sh, then the device tool's run with
 # carry [".gpu"], timeout_s 570, command "bash tools/gpu_profile.sh [PART ...]". PARTs, in the order
-# given (default: text decode f16 attention; about 9 minutes in all on a fresh H200; kernels
+# given (default: text decode f16 attention; about 9 minutes in all on a fresh H200; samples and kernels
 # on request):
 #   text, decode  T5 (24 layers) or the VAE decode at 1024², each twice in one kernel cache: cold
 #                 (compiling and tuning) and warm, both under CubeCL's debug log (CUBECL_DEBUG_LOG:
@@ -15,6 +15,9 @@
 #                 matrix product, to tell a stalling candidate from slow compiling. About 3.5 minutes.
 #   attention     flash against burn's head groups on a 10-block DiT at 1024², warm, under auto
 #                 (f16 tiles against groups) and f32 (unit flash against groups). About 2 minutes.
+#   samples       the same 10-block DiT under auto, with bench's memory samples (a device wait at
+#                 every module output, which also ends fused kernels there) and without
+#                 (--no-memory-samples: the steps as a generate runs them). About 2 minutes.
 #   kernels       the same 10-block DiT under auto with each cooperative-matrix kernel named
 #                 (COGVIEW_MATMUL_KERNEL) against autotune: first step (its compile) and median.
 #                 About 3 minutes.
@@ -56,6 +59,12 @@ for part in ${@:-text decode f16 attention}; do
           python3 -c 'import json; d = json.load(open("/tmp/ab.json")); r = d["report"]; print(d["attention"], "first", round(r["first_step_seconds"], 3), "median", round(r["median_step_seconds"], 3), "peak", r["dit_peak"])' || true
         done
       done ;;
+    samples)
+      for flag in "" --no-memory-samples; do
+        t "DiT 10 blocks, auto ${flag:-with memory samples}"
+        timeout 120 $COGVIEW bench --preset full --width 1024 --height 1024 --steps 4 --layers 10 --stages denoise $flag --json > /tmp/s.json; echo "rc $?"
+        python3 -c 'import json; d = json.load(open("/tmp/s.json")); r = d["report"]; print("first", round(r["first_step_seconds"], 3), "median", round(r["median_step_seconds"], 3), "peak", r["dit_peak"], "compiled/tuned", r["dit_kernels"])' || true
+      done ;;
     kernels)
       for k in autotune matmul_auto matmul_simple_cyclic_cmma matmul_simple_cyclic_cmma_multi_rows matmul_double_cyclic_cmma \
                matmul_ordered_double_cmma_partition_k2_row_count8_rows_per_plane2 matmul_specialized_cyclic_cmma; do
@@ -63,7 +72,7 @@ for part in ${@:-text decode f16 attention}; do
         COGVIEW_MATMUL_KERNEL=$k timeout 90 $COGVIEW bench --preset full --width 1024 --height 1024 --steps 3 --layers 10 --stages denoise --json > /tmp/k.json; echo "rc $?"
         python3 -c 'import json; d = json.load(open("/tmp/k.json")); r = d["report"]; print(d["matmul_kernel"], d["matmul"], d["attention"], "first", round(r["first_step_seconds"], 3), "median", round(r["median_step_seconds"], 3), "compiled/tuned", r["dit_kernels"])' || true
       done ;;
-    *) echo "unknown part $part (text, decode, f16, attention, kernels)" ;;
+    *) echo "unknown part $part (text, decode, f16, attention, samples, kernels)" ;;
   esac
 done
 t done

@@ -68,6 +68,11 @@ pub struct BenchArgs {
     /// (burn's attention in head groups, the path before flash), to compare the two.
     #[arg(long, value_enum, default_value = "auto")]
     attention: AttentionChoice,
+    /// Sample device memory only between steps, as `generate` does, not at every module output:
+    /// coarser peaks, but the steps run as a `generate`'s (a sample waits for the device and
+    /// ends fused kernels there).
+    #[arg(long)]
+    no_memory_samples: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -105,7 +110,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         max_memory: args.max_memory,
         stages: [Stage::Text, Stage::Encode, Stage::Denoise, Stage::Decode].map(|s| args.stages.contains(&s)),
         grouped_attention: args.attention == AttentionChoice::Grouped,
-        sample_memory: true,
+        sample_memory: !args.no_memory_samples,
     };
     let report = bench(&configs, &settings, &target, &mut Quiet)?;
     let json = serde_json::json!({

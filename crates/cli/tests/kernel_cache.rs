@@ -165,6 +165,13 @@ fn a_warmup_leaves_nothing_to_tune() {
     assert!(tuned > 0, "the warmup tuned nothing: {stdout}");
     let after = run("generate after the warmup", Cache::Flag(&cache), &dir.path().join("after.png"));
     assert_eq!(kernels(&after).1, 0, "the generate after the warmup tuned:\n{after}");
+    // `bench --no-memory-samples` runs the same kernels: it finds them all tuned too.
+    let args = ["bench", "--config", &base(), "--width", "32", "--height", "32", "--steps", "1", "--layers", "1", "--stages", "denoise", "--no-memory-samples", "--json"];
+    let out = cogview(&args, Cache::Flag(&cache)).output().expect("cogview runs");
+    let stdout = out.stdout.clone();
+    finish("bench", out);
+    let report: serde_json::Value = serde_json::from_slice(&stdout).expect("bench JSON");
+    assert_eq!(report["report"]["dit_kernels"]["tuned"], 0, "{report}");
 }
 
 /// Two processes filling one empty cache at once (given by the environment variable) both

@@ -41,9 +41,10 @@ pub struct BenchSettings {
     pub stages: [bool; 4],
     /// burn's attention in head groups instead of flash (the path before it), to compare.
     pub grouped_attention: bool,
-    /// Sample device memory at every module output (the report's peaks). Each sample waits for
-    /// the device, which also ends burn's fused kernels there: the run then compiles and tunes
-    /// some kernels a `generate` never launches. `cogview warmup` turns it off.
+    /// Sample device memory at every module output (the report's peaks), not only between
+    /// steps as a `generate` does. Each sample waits for the device, which also ends burn's
+    /// fused kernels there: the run then compiles and tunes some kernels a `generate` never
+    /// launches. `cogview warmup` and `bench --no-memory-samples` turn it off.
     pub sample_memory: bool,
 }
 
@@ -73,7 +74,8 @@ pub struct BenchReport {
     /// img2img's encoder without loading its weights (0 when the stage did not run).
     pub encode_seconds: f64,
     pub encode_load_seconds: f64,
-    /// Measured from the allocator at every module output (with `sample_memory`).
+    /// Measured from the allocator at every module output (with `sample_memory`; else between
+    /// steps).
     pub t5_peak: PeakMemory,
     pub encode_peak: PeakMemory,
     pub dit_peak: PeakMemory,
