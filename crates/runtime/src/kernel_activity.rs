@@ -3,7 +3,7 @@
 //! `cogview bench` report it per stage, and a run that seems to hang names the last kernel
 //! compiled and when.
 //!
-//! CubeCL tells it through its loggers. [`configure`] adds a `log`-crate sink to two of them:
+//! CubeCL tells it through its loggers. `configure` adds a `log`-crate sink to two of them:
 //! compilation at its basic level (`[Compiling kernel] NAME`, one line per kernel compiled; a
 //! kernel read back from the kernel cache is not compiled and says nothing) and autotune at its
 //! minimal level (`Fastest result NAME-KEY…`, one line per key tuned; a key found in the cache is
