@@ -231,16 +231,15 @@ pub fn warmup(args: WarmupArgs, quiet: bool) -> Result<()> {
         // where a `generate` does not.
         sample_memory: false,
     };
-    let start = std::time::Instant::now();
+    let (start, before) = (std::time::Instant::now(), Kernels::now());
     let mut bars = Bars::new(quiet);
-    let report = bench(&configs, &settings, &target, &mut bars)?;
+    bench(&configs, &settings, &target, &mut bars)?;
     cogview_runtime::Progress::finish(&mut bars);
     if quiet {
         return Ok(());
     }
     let seconds = start.elapsed().as_secs_f64();
-    let k = [report.t5_kernels, report.dit_kernels, report.vae_kernels];
-    let kernels = Kernels { compiled: k.iter().map(|k| k.compiled).sum(), tuned: k.iter().map(|k| k.tuned).sum() };
+    let kernels = Kernels::now().since(before);
     match cache {
         Some(c) => {
             let (entries, bytes) = kernel_cache::size_of(&c.entries);

@@ -2,7 +2,6 @@
 //! `enable_tiling` when the plan says so), then denormalised and clamped as
 //! `VaeImageProcessor.postprocess` does, and rounded to 8 bits as numpy does.
 
-
 use burn::tensor::{DType, Device, FloatDType, Tensor};
 use cogview_import::Component;
 use cogview_models::WeightStorage;

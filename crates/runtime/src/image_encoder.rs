@@ -3,7 +3,6 @@
 //! posterior mean, so no randomness) times the scaling factor, the encoder tiled like
 //! diffusers' `_tiled_encode` when the plan says so.
 
-
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use cogview_import::Component;
 use cogview_models::vae::Encoder;
