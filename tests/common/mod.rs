@@ -119,9 +119,13 @@ pub fn lavapipe() -> (device::AdapterInfo, Device) {
         .into_iter()
         .find(|a| a.api == Api::Vulkan && a.adapter_type == AdapterType::Software)
         .expect("no software Vulkan adapter: install mesa-vulkan-drivers (see .ci/run)");
-    // Tests start from nothing: no kernel compiled or tuned by an earlier run (the kernel
-    // cache has its own tests, crates/cli/tests/kernel_cache.rs).
-    cogview_runtime::kernel_cache::set_location(cogview_runtime::kernel_cache::CacheLocation::Off);
+    // One kernel cache for every test binary of the build, beside them in the target directory
+    // (`target/debug/kernel-cache`): a shape is tuned once, not once per test binary (tuning on
+    // lavapipe takes seconds a shape). A test holds whichever candidate won to its tolerance, as a
+    // user's run would be held. The cache itself is tested in crates/cli/tests/kernel_cache.rs.
+    let exe = std::env::current_exe().expect("the test's path");
+    let target = exe.parent().and_then(Path::parent).expect("a test binary in <target>/<profile>/deps");
+    cogview_runtime::kernel_cache::set_location(cogview_runtime::kernel_cache::CacheLocation::Dir(target.join("kernel-cache")));
     let dev = device::open(&adapter).expect("lavapipe starts");
     (adapter, dev)
 }

@@ -192,14 +192,33 @@ fn two_processes_fill_one_cache_at_once() {
     assert!(reads(&log) > 0 && !log.contains("not an intact entry"), "{log}");
     assert_eq!(pixels(&after), pixels(&a));
 
+    // `off` keeps nothing anywhere, although this run tunes. Left to itself CubeCL keeps tuning
+    // results in `target/environment` of the outermost Cargo project above the working directory
+    // (the Cargo.toml makes this directory one), else in the user's cache directory.
     let off = tempfile::tempdir().unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_cogview"))
-        .args(["devices", "--backend", "vulkan", "--kernel-cache", "off"])
-        .env("COGVIEW_LOG", "warn,cogview=info")
-        .current_dir(off.path())
+    let (work, home) = (off.path().join("work"), off.path().join("home"));
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(work.join("Cargo.toml"), "[workspace]\n").unwrap();
+    // Mesa's shader cache stays where it was (else every shader compiles anew: minutes).
+    let user_cache = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
+    let o = generate(Cache::Flag(Path::new("off")), &off.path().join("off.png"))
+        .current_dir(&work)
+        .env("HOME", &home)
+        .env("XDG_CACHE_HOME", home.join(".cache"))
+        .env("MESA_SHADER_CACHE_DIR", user_cache)
         .output()
         .unwrap();
-    let log = finish("devices, cache off", o);
+    let log = finish("generate, cache off", o);
     assert!(!log.contains("kernel cache dir="), "{log}");
-    assert!(std::fs::read_dir(off.path()).unwrap().next().is_none(), "`off` wrote into the working directory");
+    assert!(kernels(&log).1 > 0, "the run tuned nothing, so nothing could have been kept:\n{log}");
+    assert_eq!(names(&work), ["Cargo.toml"], "`off` wrote into the working directory's Cargo project");
+    assert!(names(&home).is_empty(), "`off` wrote into the user's directories: {:?}", names(&home));
+}
+
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
 }

@@ -117,6 +117,15 @@ pub fn activate(adapter: &AdapterInfo) -> Option<KernelCache> {
                 config.compilation.cache = true;
                 KernelCache { dir, environment, entries, fresh }
             });
+            if cache.is_none() {
+                // Nothing persists: CubeCL's stores keep their entries in this process's memory.
+                // Left to itself CubeCL would keep autotune and throughput results in its default
+                // environment (`target/environment` under the outermost Cargo project above the
+                // working directory, else the user's cache directory) and read them back in later
+                // runs. Its own switches for that (`disable_cache`) would also forget within the
+                // process: the throughput probes would run again at every tuning.
+                cubecl::environment::keep_in_memory();
+            }
             if !CubeClRuntimeConfig::try_set(config) {
                 tracing::warn!("CubeCL's configuration was read before cogview set it; kernels are not cached and not counted");
                 return None;

@@ -94,6 +94,24 @@ fn switched() {
     GENERATION.fetch_add(1, Ordering::Relaxed);
 }
 
+/// cogview: whether every store keeps its entries in this process's memory only.
+static IN_MEMORY: crate::sync::AtomicBool = crate::sync::AtomicBool::new(false);
+
+/// cogview: from now on every store of every environment keeps its entries in this process's
+/// memory (as where no file system is), never on disk, and reads nothing an earlier process
+/// wrote. For a cache turned off: CubeCL's default environment would otherwise be a directory
+/// chosen from the working directory, and autotune and throughput results would persist there.
+/// Call it before the first store opens (before the first device starts).
+pub fn keep_in_memory() {
+    IN_MEMORY.store(true, Ordering::Relaxed);
+    switched();
+}
+
+/// cogview: whether [`keep_in_memory`] was called.
+pub fn in_memory() -> bool {
+    IN_MEMORY.load(Ordering::Relaxed)
+}
+
 /// A consistent snapshot of both fields. Only the paths that need the root
 /// take it; [`active`] reads the name directly rather than allocating a
 /// `PathBuf` it would discard.

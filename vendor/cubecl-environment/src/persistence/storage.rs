@@ -227,8 +227,6 @@ impl MemoryStorage {
     /// global key to get the same isolation. Without this, a bound store that
     /// resets after a switch would reopen the memory storage and immediately
     /// re-ingest the previous environment's entries.
-    // cogview: unused where the file storage replaces the database (no memory fallback).
-    #[cfg_attr(file_cache, allow(dead_code))]
     fn in_environment(namespace: &str) -> Self {
         // `\u{1f}` (unit separator) can appear in neither a `/`-separated
         // namespace nor a file-system path, so the split back out is
@@ -343,7 +341,8 @@ pub fn namespaces() -> Vec<String> {
                 .map(|summary| summary.namespace)
                 .collect()
         } else if #[cfg(file_cache)] {
-            super::file::namespaces()
+            // cogview: nothing is durable while stores are kept in memory.
+            if crate::environment::in_memory() { Vec::new() } else { super::file::namespaces() }
         } else {
             Vec::new()
         }
@@ -370,7 +369,12 @@ pub fn open(namespace: &str) -> Box<dyn Storage> {
                 }
             }
         } else if #[cfg(file_cache)] {
-            Box::new(super::file::FileStorage::open(namespace))
+            // cogview: memory alone where `environment::keep_in_memory` asked for it.
+            if crate::environment::in_memory() {
+                Box::new(MemoryStorage::in_environment(namespace))
+            } else {
+                Box::new(super::file::FileStorage::open(namespace))
+            }
         } else {
             Box::new(MemoryStorage::in_environment(namespace))
         }
