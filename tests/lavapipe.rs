@@ -1,4 +1,5 @@
-//! Every stage on the software Vulkan adapter (Mesa's lavapipe through burn's WGSL compiler),
+//! Every stage on the software Vulkan adapter (Mesa's lavapipe, through burn's SPIR-V compiler in
+//! the default build and its WGSL compiler without the native compilers),
 //! against diffusers, in one process: lavapipe compiles each new kernel with LLVM (seconds
 //! each), so the stages share shapes with the pipeline run (the `base` fixture at 64x96, 224
 //! text tokens) and the compiled kernels.
@@ -25,7 +26,7 @@ fn every_stage_on_lavapipe() {
     forward_cases("base", &["rect"], &dev, DType::F32, DIT_F32_TOL);
     decode_case("base", "h8w12", &dev);
     run_case("base", "s4_g7_64x96", &dev);
-    // bf16 weights packed in u32 (WGSL stores no bf16) and unpacked by the kernel at use, the
+    // bf16 weights packed in u32 (lavapipe stores no bf16) and unpacked by the kernel at use, the
     // transformer streamed: bit-identical to f32 storage of the same bf16 values.
     let (_dir, f) = bf16_copy("base");
     let f32_stored = run_stored(&f, "base", "s4_g7_64x96", &dev, WeightsChoice::F32, |_| {});

@@ -111,7 +111,8 @@ pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data")
 }
 
-/// Mesa's lavapipe through burn's WGSL compiler: the software Vulkan adapter CI has. Fails
+/// Mesa's lavapipe (through burn's SPIR-V compiler in the default build, WGSL without the native
+/// compilers): the software Vulkan adapter CI has. Fails
 /// (never skips) when it is missing: CI installs it (`.ci/run`).
 pub fn lavapipe() -> (device::AdapterInfo, Device) {
     let adapters = device::enumerate(device::Scope::Compute);
