@@ -104,7 +104,7 @@ fn inspect_reports_counts_and_dtypes() {
         assert!(section.contains(&format!("parameters {params} in {} tensors", st.len())), "{component}: {params}\n{section}");
         assert!(section.contains(&format!("stored     F32 {params}")), "{section}");
     }
-    assert!(out.contains("ignored") == false || out.contains("tied to shared.weight"));
+    assert!(!out.contains("ignored") || out.contains("tied to shared.weight"));
     assert!(out.contains("precision     f32"));
     let o = cogview(&["inspect", "--model", &fixtures().join("overflow/pipeline").to_string_lossy(), "--device", "cpu"]);
     assert!(stdout(&o).contains("stored     BF16"));

@@ -99,10 +99,8 @@ fn serve(mut stream: TcpStream, files: &BTreeMap<String, Vec<u8>>, faults: &mut 
         if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
             break;
         }
-        if let Some((k, v)) = line.split_once(':') {
-            if k.eq_ignore_ascii_case("range") {
-                range = v.trim().to_string();
-            }
+        if let Some((k, v)) = line.split_once(':') && k.eq_ignore_ascii_case("range") {
+            range = v.trim().to_string();
         }
     }
     let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
@@ -153,13 +151,11 @@ fn serve(mut stream: TcpStream, files: &BTreeMap<String, Vec<u8>>, faults: &mut 
         return reply(&mut stream, "206 Partial Content", &headers, &body[..body.len() / 2]);
     }
     headers.push(("Content-Length", body.len().to_string()));
-    if whole_transfer {
-        if let Some((_, after, again)) = faults.interrupt.clone().filter(|(f, _, _)| f == file) {
-            faults.interrupt = (again > 0).then(|| (file.to_string(), 0, again - 1));
-            reply(&mut stream, "206 Partial Content", &headers, &body[..after]);
-            let _ = stream.flush();
-            return; // the connection drops mid-body
-        }
+    if whole_transfer && let Some((_, after, again)) = faults.interrupt.clone().filter(|(f, _, _)| f == file) {
+        faults.interrupt = (again > 0).then(|| (file.to_string(), 0, again - 1));
+        reply(&mut stream, "206 Partial Content", &headers, &body[..after]);
+        let _ = stream.flush();
+        return; // the connection drops mid-body
     }
     reply(&mut stream, "206 Partial Content", &headers, body);
 }

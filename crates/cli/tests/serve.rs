@@ -201,10 +201,8 @@ fn events(server: &Server, path: &str, mut stop: impl FnMut(&str, &Value) -> boo
     while let Some(Ok(line)) = lines.next() {
         if let Some(n) = line.strip_prefix("event: ") {
             name = n.to_string();
-        } else if let Some(data) = line.strip_prefix("data: ") {
-            if stop(&name, &serde_json::from_str(data).unwrap()) {
-                return;
-            }
+        } else if let Some(data) = line.strip_prefix("data: ") && stop(&name, &serde_json::from_str(data).unwrap()) {
+            return;
         }
     }
 }

@@ -59,10 +59,10 @@ impl ModelIndex {
             if k.starts_with('_') {
                 continue;
             }
-            if let Some([lib, class]) = v.as_array().map(|a| a.as_slice()) {
-                if let (Some(lib), Some(class)) = (lib.as_str(), class.as_str()) {
-                    components.insert(k.clone(), (lib.to_string(), class.to_string()));
-                }
+            if let Some([lib, class]) = v.as_array().map(|a| a.as_slice())
+                && let (Some(lib), Some(class)) = (lib.as_str(), class.as_str())
+            {
+                components.insert(k.clone(), (lib.to_string(), class.to_string()));
             }
         }
         if let Some(missing) = REQUIRED_COMPONENTS.iter().find(|c| !components.contains_key(**c)) {

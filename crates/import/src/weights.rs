@@ -63,10 +63,13 @@ impl Component {
     }
 }
 
+/// Checkpoint keys with their shapes, in the order a module asks for them.
+pub type KeyShapes = Vec<(String, Vec<usize>)>;
+
 /// Records the keys and shapes a module asks for; gives empty placeholders.
 #[derive(Clone, Default)]
 pub struct KeyRecorder {
-    keys: Rc<RefCell<Vec<(String, Vec<usize>)>>>,
+    keys: Rc<RefCell<KeyShapes>>,
     prefix: String,
 }
 
@@ -82,7 +85,7 @@ fn placeholder<const D: usize>() -> Tensor<D> {
 
 impl KeyRecorder {
     /// The keys `build` asks for, in order, with their shapes.
-    pub fn keys_of(build: impl FnOnce(&KeyRecorder)) -> Vec<(String, Vec<usize>)> {
+    pub fn keys_of(build: impl FnOnce(&KeyRecorder)) -> KeyShapes {
         let r = KeyRecorder::default();
         build(&r);
         r.keys.take()

@@ -93,13 +93,13 @@ impl DitConfig {
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("`{key}` must be positive"));
         }
-        if self.inner_dim() % 4 != 0 {
+        if !self.inner_dim().is_multiple_of(4) {
             return Err(format!(
                 "num_attention_heads × attention_head_dim = {} must be a multiple of 4 (2-D sin-cos position table)",
                 self.inner_dim()
             ));
         }
-        if self.condition_dim % 2 != 0 {
+        if !self.condition_dim.is_multiple_of(2) {
             return Err(format!("`condition_dim` {} must be even (cos | sin halves)", self.condition_dim));
         }
         Ok(())
@@ -393,10 +393,8 @@ impl DitEmbeddings {
 
     fn pos_window(&self, hp: usize, wp: usize, device: &Device) -> Tensor<2> {
         let mut cache = self.pos_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((key, t)) = cache.as_ref() {
-            if *key == (hp, wp) {
-                return t.clone();
-            }
+        if let Some((key, t)) = cache.as_ref() && *key == (hp, wp) {
+            return t.clone();
         }
         let d = self.config.inner_dim();
         let t = Tensor::<2>::from_data(TensorData::new(pos_embed_window(d, hp, wp), [hp * wp, d]), device);

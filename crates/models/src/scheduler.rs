@@ -98,6 +98,8 @@ impl SchedulerConfig {
         if self.clip_sample || self.thresholding {
             return Err("clip_sample and thresholding are not supported".into());
         }
+        // Written so that NaN fails too (`<= 0.0` would let it through).
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if !(self.snr_shift_scale > 0.0) {
             return Err(format!("snr_shift_scale {} must be positive", self.snr_shift_scale));
         }

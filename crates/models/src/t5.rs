@@ -73,7 +73,7 @@ impl T5Config {
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("`{key}` must be positive"));
         }
-        if self.relative_attention_num_buckets < 4 || self.relative_attention_num_buckets % 2 != 0 {
+        if self.relative_attention_num_buckets < 4 || !self.relative_attention_num_buckets.is_multiple_of(2) {
             return Err(format!("relative_attention_num_buckets {} must be even and at least 4", self.relative_attention_num_buckets));
         }
         if self.relative_attention_max_distance <= self.relative_attention_num_buckets / 4 {

@@ -85,7 +85,7 @@ pub(crate) fn decode(run: &mut Run<impl Progress>, kept: &mut Option<ImageDecode
 }
 
 /// A tensor's values as f32 host data, with its shape.
-pub(crate) fn host<const D: usize>(t: &Tensor<D>) -> (Vec<f32>, Vec<usize>) {
+pub(crate) fn host<const D: usize>(t: &Tensor<D>) -> crate::pipeline::HostTensor {
     let shape = t.dims().to_vec();
     (t.clone().into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default(), shape)
 }

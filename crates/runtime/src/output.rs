@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::pipeline::Tensors;
+use crate::pipeline::{HostTensor, Tensors};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
@@ -82,7 +82,7 @@ pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>, OutputError> 
 pub fn save_tensors(dir: &Path, t: &Tensors) -> Result<PathBuf, OutputError> {
     let path = dir.join("tensors.safetensors");
     let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let mut entries: Vec<(&str, &(Vec<f32>, Vec<usize>))> =
+    let mut entries: Vec<(&str, &HostTensor)> =
         vec![("prompt_embeds", &t.prompt_embeds), ("step_latents", &t.step_latents), ("image", &t.image)];
     if let Some(n) = &t.negative_prompt_embeds {
         entries.push(("negative_prompt_embeds", n));

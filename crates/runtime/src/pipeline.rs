@@ -130,13 +130,16 @@ impl StageClock {
 /// The tensors `--save-tensors` writes, as f32 host data with their shapes.
 #[derive(Clone, Debug, Default)]
 pub struct Tensors {
-    pub prompt_embeds: (Vec<f32>, Vec<usize>),
-    pub negative_prompt_embeds: Option<(Vec<f32>, Vec<usize>)>,
+    pub prompt_embeds: HostTensor,
+    pub negative_prompt_embeds: Option<HostTensor>,
     /// img2img: the init image's latents (`mode() · scaling_factor`).
-    pub init_latents: Option<(Vec<f32>, Vec<usize>)>,
-    pub step_latents: (Vec<f32>, Vec<usize>),
-    pub image: (Vec<f32>, Vec<usize>),
+    pub init_latents: Option<HostTensor>,
+    pub step_latents: HostTensor,
+    pub image: HostTensor,
 }
+
+/// A tensor read back to the host: its f32 values (row-major) and its shape.
+pub type HostTensor = (Vec<f32>, Vec<usize>);
 
 /// A generated image.
 #[derive(Clone, Debug)]

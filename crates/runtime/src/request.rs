@@ -136,7 +136,7 @@ pub fn check_size(configs: &Configs, width: usize, height: usize) -> Result<Vec<
     }
     let (lo, hi, m, area) = RECOMMENDED;
     let mut warnings = Vec::new();
-    if width < lo || height < lo || width > hi || height > hi || width % m != 0 || height % m != 0 || width * height > area {
+    if width < lo || height < lo || width > hi || height > hi || !width.is_multiple_of(m) || !height.is_multiple_of(m) || width * height > area {
         warnings.push(format!(
             "{width}x{height} is outside the model card's recommended sizes ({lo}–{hi} per side, multiples of {m}, \
              at most {area} pixels): expect lower quality"
