@@ -118,20 +118,33 @@ impl Drop for Browser {
     }
 }
 
-/// Fill the form, generate with the tiny model, see the progress and the image with its
-/// parameters, and the session's history.
-#[test]
-fn the_page_generates_an_image_with_progress() {
+/// `cogview serve` of the tiny model with `args`; the process and its URL.
+fn serve(args: &[&str]) -> (Child, String) {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/base/pipeline");
     let mut server = Command::new(env!("CARGO_BIN_EXE_cogview"))
-        .args(["serve", "--port", "0", "--device", "cpu", "--model"])
+        .args(["serve", "--port", "0", "--model"])
         .arg(&model)
+        .args(args)
+        .env_remove("COGVIEW_API_KEY")
+        .env_remove("COGVIEW_DEVICE")
+        .env_remove("COGVIEW_BACKEND")
+        .env_remove("COGVIEW_PRECISION")
+        .env_remove("COGVIEW_KERNEL_CACHE")
+        .env("CUBECL_AUTOTUNE_LEVEL", "minimal")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let line = BufReader::new(server.stdout.take().unwrap()).lines().next().unwrap().unwrap();
     let url = line.strip_prefix("listening on ").unwrap().to_string();
+    (server, url)
+}
+
+/// Fill the form, generate with the tiny model, see the progress and the image with its
+/// parameters, and the session's history.
+#[test]
+fn the_page_generates_an_image_with_progress() {
+    let (mut server, url) = serve(&["--device", "cpu"]);
     let browser = Browser::start();
     browser.session("POST", "/url", Some(json!({ "url": url })));
     browser.wait(20, "the device line", |b| b.text("#device").contains("burn-flex"));
@@ -151,6 +164,88 @@ fn the_page_generates_an_image_with_progress() {
     assert!(parameters.starts_with("a red fox in the snow") && parameters.contains("Steps: 1000") && parameters.contains("Seed: 7, Size: 64x64"), "{parameters}");
     assert!(browser.text("#status").contains("seed 7"));
     assert!(browser.find("#history li img").is_some(), "the image is in the session's history");
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// On a GPU adapter (lavapipe) with nothing compiled yet (`--kernel-cache off`, a new process), a
+/// job's first steps compile GPU kernels for a long while without a step event: the job's status
+/// carries the counts as they grow (the event stream sends them while the step has not moved),
+/// the page says "compiling GPU kernels", and the finished job says what it compiled. A second
+/// job of the same size compiles and tunes nothing: the process keeps what the first one built.
+#[test]
+fn a_job_that_compiles_gpu_kernels_says_so() {
+    let (mut server, url) = serve(&["--backend", "vulkan", "--precision", "f32", "--kernel-cache", "off"]);
+    // The job's events, read beside the browser: every running status, then the finished one.
+    let events = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while agent().get(format!("{url}/v1/jobs/1")).call().unwrap().status() != 200 {
+                assert!(start.elapsed() < Duration::from_secs(60), "the page submitted no job");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // No overall timeout: the stream lasts as long as the job.
+            let stream: ureq::Agent = ureq::Agent::config_builder().build().into();
+            let body = stream.get(format!("{url}/v1/jobs/1/events")).call().unwrap().into_body().into_reader();
+            let mut seen = Vec::new();
+            for line in BufReader::new(body).lines() {
+                let Some(data) = line.unwrap().strip_prefix("data: ").map(|d| serde_json::from_str::<Value>(d).unwrap()) else { continue };
+                let over = data["status"] != "queued" && data["status"] != "running";
+                seen.push(data);
+                if over {
+                    break;
+                }
+            }
+            seen
+        })
+    };
+    let browser = Browser::start();
+    browser.session("POST", "/url", Some(json!({ "url": url })));
+    browser.wait(20, "the device line", |b| b.text("#device").contains("llvmpipe"));
+    browser.fill("#prompt", "a red fox in the snow");
+    browser.fill("#width", "32");
+    browser.fill("#height", "32");
+    browser.fill("#steps", "2");
+    browser.click("#generate");
+    let mut compiling = false;
+    browser.wait(600, "the image", |b| {
+        let status = b.text("#status");
+        compiling |= status.contains("compiling GPU kernels");
+        status.starts_with("done")
+    });
+    assert!(compiling, "the page never said it was compiling");
+    assert!(browser.text("#status").contains("GPU kernels compiled"), "{}", browser.text("#status"));
+
+    let seen = events.join().unwrap();
+    let done = seen.last().unwrap();
+    assert_eq!(done["status"], "done", "{done}");
+    let count = |e: &Value, what: &str| e["kernels"][what].as_u64().unwrap();
+    assert!(count(done, "compiled") > 0 && count(done, "tuned") > 0, "{done}");
+    // Only the counts moved between these two events: the status took them mid-step.
+    let running: Vec<&Value> = seen.iter().filter(|e| e["status"] == "running").collect();
+    let mid_step = running.windows(2).any(|w| w[0]["stage"] == w[1]["stage"] && w[0]["step"] == w[1]["step"] && count(w[1], "compiled") > count(w[0], "compiled"));
+    assert!(mid_step, "no event while a step compiled: {running:?}");
+
+    let again = agent()
+        .post(format!("{url}/v1/jobs"))
+        .send_json(json!({ "prompt": "a red fox in the snow", "width": 32, "height": 32, "steps": 2, "seed": 3 }))
+        .unwrap()
+        .into_body()
+        .read_json::<Value>()
+        .unwrap();
+    let id = again["id"].as_u64().unwrap();
+    let start = Instant::now();
+    let second = loop {
+        let job: Value = agent().get(format!("{url}/v1/jobs/{id}")).call().unwrap().into_body().read_json().unwrap();
+        if job["status"] != "queued" && job["status"] != "running" {
+            break job;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "the second job did not finish: {job}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(second["status"], "done", "{second}");
+    assert_eq!(second["kernels"], json!({ "compiled": 0, "tuned": 0 }), "the second job built again what the first built");
     let _ = server.kill();
     let _ = server.wait();
 }

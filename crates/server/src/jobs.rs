@@ -3,9 +3,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use cogview_runtime::kernel_activity::Kernels;
 use cogview_runtime::metadata::Settings;
 use cogview_runtime::output::png_bytes;
 use cogview_runtime::{Pipeline, Progress, Request, RuntimeError, Stage};
@@ -17,6 +18,11 @@ use crate::metrics::Metrics;
 
 /// How many finished jobs stay readable (`GET /v1/jobs/{id}`) before the oldest are dropped.
 const KEPT_FINISHED: usize = 64;
+
+/// How often a running job's status takes the kernel counts while nothing else moves it: a step
+/// that compiles GPU kernels (a first run on an adapter, a new size) sends no step event for a
+/// minute or more, and the counts are what shows it is busy.
+const KERNEL_POLL: Duration = Duration::from_millis(500);
 
 /// A generated image, encoded.
 #[derive(Clone, Debug, Serialize)]
@@ -36,8 +42,10 @@ pub struct Image {
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum Status {
     Queued { position: usize },
-    Running { stage: Stage, step: usize, total: usize, eta_seconds: Option<f64> },
-    Done { images: Arc<Vec<Image>>, seconds: f64, sequence: u64 },
+    /// `kernels`: GPU kernels compiled and autotune keys tuned since the job started (none on
+    /// the CPU backend, none for what the kernel cache or an earlier job already has).
+    Running { stage: Stage, step: usize, total: usize, eta_seconds: Option<f64>, kernels: Kernels },
+    Done { images: Arc<Vec<Image>>, seconds: f64, sequence: u64, kernels: Kernels },
     Failed { error: ApiError },
     Cancelled { stage: Option<Stage>, step: Option<usize> },
 }
@@ -185,8 +193,15 @@ pub fn run(queue: Arc<Queue>, mut worker: Worker) {
         }
         queue.running.store(true, Ordering::Relaxed);
         let start = Instant::now();
-        let mut progress = JobProgress { job: &job, stage: Stage::Text, total: 0 };
-        let result = worker.pipeline.generate_batch(&job.requests, &mut progress);
+        let at_start = Kernels::now();
+        let mut progress = JobProgress { job: &job, stage: Stage::Text, total: 0, at_start };
+        let result = std::thread::scope(|s| {
+            let (stop, stopped) = mpsc::channel::<()>();
+            s.spawn(|| follow_kernels(&job, at_start, stopped));
+            let result = worker.pipeline.generate_batch(&job.requests, &mut progress);
+            drop(stop);
+            result
+        });
         let status = match result {
             Ok(batch) => {
                 worker.metrics.record_batch(&batch.outputs);
@@ -201,7 +216,7 @@ pub fn run(queue: Arc<Queue>, mut worker: Worker) {
                     })
                     .collect();
                 sequence += 1;
-                Status::Done { images: Arc::new(images), seconds: start.elapsed().as_secs_f64(), sequence }
+                Status::Done { images: Arc::new(images), seconds: start.elapsed().as_secs_f64(), sequence, kernels: Kernels::now().since(at_start) }
             }
             Err(RuntimeError::Cancelled { stage, step }) => Status::Cancelled { stage: Some(stage), step },
             Err(e) => {
@@ -215,23 +230,42 @@ pub fn run(queue: Arc<Queue>, mut worker: Worker) {
     }
 }
 
+/// Puts the kernel counts since `at_start` into the job's running status every [`KERNEL_POLL`]
+/// while they change, until `stopped` closes (the job is over).
+fn follow_kernels(job: &Job, at_start: Kernels, stopped: mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(KERNEL_POLL) {
+        let now = Kernels::now().since(at_start);
+        job.status.send_if_modified(|status| match status {
+            Status::Running { kernels, .. } if *kernels != now => {
+                *kernels = now;
+                true
+            }
+            _ => false,
+        });
+    }
+}
+
 /// A job's progress, as its status.
 struct JobProgress<'a> {
     job: &'a Job,
     stage: Stage,
     total: usize,
+    /// The process's kernel counts when the job started.
+    at_start: Kernels,
 }
 
 impl Progress for JobProgress<'_> {
     fn stage(&mut self, stage: Stage, steps: usize) {
         (self.stage, self.total) = (stage, steps);
-        self.job.status.send_replace(Status::Running { stage, step: 0, total: steps, eta_seconds: None });
+        let kernels = Kernels::now().since(self.at_start);
+        self.job.status.send_replace(Status::Running { stage, step: 0, total: steps, eta_seconds: None, kernels });
     }
 
     fn step(&mut self, done: usize, elapsed: Duration) {
         let per_step = elapsed.as_secs_f64() / done.max(1) as f64;
         let eta = Some(per_step * self.total.saturating_sub(done) as f64);
-        self.job.status.send_replace(Status::Running { stage: self.stage, step: done, total: self.total, eta_seconds: eta });
+        let kernels = Kernels::now().since(self.at_start);
+        self.job.status.send_replace(Status::Running { stage: self.stage, step: done, total: self.total, eta_seconds: eta, kernels });
     }
 
     fn cancelled(&self) -> bool {
