@@ -98,6 +98,17 @@ impl Browser {
         self.session("GET", &format!("/element/{}/property/{name}", self.element(css)), None)
     }
 
+    /// Opens the page at `url`, waits for its device line to name `device`, fills the form's
+    /// `fields` (CSS selector, text) and presses Generate.
+    fn generate(&self, url: &str, device: &str, fields: &[(&str, &str)]) {
+        self.session("POST", "/url", Some(json!({ "url": url })));
+        self.wait(20, "the device line", |b| b.text("#device").contains(device));
+        for (css, text) in fields {
+            self.fill(css, text);
+        }
+        self.click("#generate");
+    }
+
     /// Waits for `done` (checked every 50 ms), failing after `seconds`.
     fn wait(&self, seconds: u64, what: &str, mut done: impl FnMut(&Browser) -> bool) {
         let start = Instant::now();
@@ -146,15 +157,9 @@ fn serve(args: &[&str]) -> (Child, String) {
 fn the_page_generates_an_image_with_progress() {
     let (mut server, url) = serve(&["--device", "cpu"]);
     let browser = Browser::start();
-    browser.session("POST", "/url", Some(json!({ "url": url })));
-    browser.wait(20, "the device line", |b| b.text("#device").contains("burn-flex"));
-    browser.fill("#prompt", "a red fox in the snow");
-    browser.fill("#width", "64");
-    browser.fill("#height", "64");
     // Enough steps that the progress shows for a while.
-    browser.fill("#steps", "1000");
-    browser.fill("#seed", "7");
-    browser.click("#generate");
+    let fields = [("#prompt", "a red fox in the snow"), ("#width", "64"), ("#height", "64"), ("#steps", "1000"), ("#seed", "7")];
+    browser.generate(&url, "burn-flex", &fields);
     browser.wait(60, "the progress", |b| b.text("#status").contains("transformer") && b.property("#bar", "value").as_f64() > Some(0.0));
     assert_eq!(browser.property("#bar", "max"), json!(1000));
     browser.wait(300, "the image", |b| b.text("#status").starts_with("done"));
@@ -201,13 +206,7 @@ fn a_job_that_compiles_gpu_kernels_says_so() {
         })
     };
     let browser = Browser::start();
-    browser.session("POST", "/url", Some(json!({ "url": url })));
-    browser.wait(20, "the device line", |b| b.text("#device").contains("llvmpipe"));
-    browser.fill("#prompt", "a red fox in the snow");
-    browser.fill("#width", "32");
-    browser.fill("#height", "32");
-    browser.fill("#steps", "2");
-    browser.click("#generate");
+    browser.generate(&url, "llvmpipe", &[("#prompt", "a red fox in the snow"), ("#width", "32"), ("#height", "32"), ("#steps", "2")]);
     let mut compiling = false;
     browser.wait(600, "the image", |b| {
         let status = b.text("#status");
