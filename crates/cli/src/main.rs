@@ -88,17 +88,8 @@ pub struct DeviceArgs {
 }
 
 fn main() -> ExitCode {
-    // CubeCL's SPIR-V compiler (pliron) builds an error with `Backtrace::capture()` on paths
-    // that fail as a matter of course (a cast tried on every operation of a dialect
-    // conversion): about 90 000 of them for the tiny model's 160 kernels. Under RUST_BACKTRACE=1,
-    // which many Rust users keep set, each walks the whole stack: a quarter to a third of a
-    // run that compiles its kernels. RUST_LIB_BACKTRACE governs `Backtrace::capture` alone, so
-    // panics still print their backtrace under RUST_BACKTRACE; set RUST_LIB_BACKTRACE=1 to get
-    // the errors' back.
-    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
-        // SAFETY: the first statement of `main`, before any thread starts or reads the environment.
-        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
-    }
+    // SAFETY: the first statement of `main`, before any thread starts.
+    unsafe { cogview_runtime::kernel_activity::skip_error_backtraces() };
     // Release builds abort on panic. The message must reach the terminal even when the panic
     // hits while the drivers' stderr output is being captured.
     let report = std::panic::take_hook();

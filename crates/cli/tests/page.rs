@@ -173,6 +173,23 @@ fn the_page_generates_an_image_with_progress() {
     let _ = server.wait();
 }
 
+/// Job `id`'s statuses from its event stream, up to and including the finished one.
+fn job_events(url: &str, id: u64) -> Vec<Value> {
+    // No overall timeout: the stream lasts as long as the job.
+    let stream: ureq::Agent = ureq::Agent::config_builder().build().into();
+    let body = stream.get(format!("{url}/v1/jobs/{id}/events")).call().unwrap().into_body().into_reader();
+    let mut seen = Vec::new();
+    for line in BufReader::new(body).lines() {
+        let Some(data) = line.unwrap().strip_prefix("data: ").map(|d| serde_json::from_str::<Value>(d).unwrap()) else { continue };
+        let over = data["status"] != "queued" && data["status"] != "running";
+        seen.push(data);
+        if over {
+            break;
+        }
+    }
+    seen
+}
+
 /// On a GPU adapter (lavapipe) with nothing compiled yet (`--kernel-cache off`, a new process), a
 /// job's first steps compile GPU kernels for a long while without a step event: the job's status
 /// carries the counts as they grow (the event stream sends them while the step has not moved),
@@ -190,19 +207,7 @@ fn a_job_that_compiles_gpu_kernels_says_so() {
                 assert!(start.elapsed() < Duration::from_secs(60), "the page submitted no job");
                 std::thread::sleep(Duration::from_millis(20));
             }
-            // No overall timeout: the stream lasts as long as the job.
-            let stream: ureq::Agent = ureq::Agent::config_builder().build().into();
-            let body = stream.get(format!("{url}/v1/jobs/1/events")).call().unwrap().into_body().into_reader();
-            let mut seen = Vec::new();
-            for line in BufReader::new(body).lines() {
-                let Some(data) = line.unwrap().strip_prefix("data: ").map(|d| serde_json::from_str::<Value>(d).unwrap()) else { continue };
-                let over = data["status"] != "queued" && data["status"] != "running";
-                seen.push(data);
-                if over {
-                    break;
-                }
-            }
-            seen
+            job_events(&url, 1)
         })
     };
     let browser = Browser::start();
@@ -233,16 +238,7 @@ fn a_job_that_compiles_gpu_kernels_says_so() {
         .into_body()
         .read_json::<Value>()
         .unwrap();
-    let id = again["id"].as_u64().unwrap();
-    let start = Instant::now();
-    let second = loop {
-        let job: Value = agent().get(format!("{url}/v1/jobs/{id}")).call().unwrap().into_body().read_json().unwrap();
-        if job["status"] != "queued" && job["status"] != "running" {
-            break job;
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "the second job did not finish: {job}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let second = job_events(&url, again["id"].as_u64().unwrap()).pop().unwrap();
     assert_eq!(second["status"], "done", "{second}");
     assert_eq!(second["kernels"], json!({ "compiled": 0, "tuned": 0 }), "the second job built again what the first built");
     let _ = server.kill();

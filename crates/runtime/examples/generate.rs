@@ -12,11 +12,9 @@ use cogview_runtime::output::save_png;
 use cogview_runtime::{BackendChoice, DeviceChoice, Options, Pipeline, Precision, Quiet, Request};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // No backtrace for each error CubeCL's SPIR-V compiler makes and drops (README, Kernel cache).
-    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
-        // SAFETY: no other thread runs yet.
-        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
-    }
+    // No backtrace for each error CubeCL's SPIR-V compiler makes and drops.
+    // SAFETY: no other thread runs yet.
+    unsafe { cogview_runtime::kernel_activity::skip_error_backtraces() };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [model, prompt, out] = args.as_slice() else {
         return Err("usage: generate MODEL_DIR PROMPT OUT.png".into());

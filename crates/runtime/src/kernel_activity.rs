@@ -67,6 +67,24 @@ impl fmt::Display for Kernels {
     }
 }
 
+/// Turns off the backtraces `std::backtrace::Backtrace::capture` takes, unless
+/// `RUST_LIB_BACKTRACE` is set already. CubeCL's SPIR-V compiler (pliron) builds an error with a
+/// captured backtrace on paths that fail as a matter of course (a cast tried on every operation
+/// of a dialect conversion): about 90 000 of them for the tiny model's 160 kernels. Under
+/// `RUST_BACKTRACE=1`, which many Rust users keep set, each walks the whole stack: a quarter to a
+/// third of a run that compiles its kernels. `RUST_LIB_BACKTRACE` governs `Backtrace::capture`
+/// alone, so panics still print their backtrace under `RUST_BACKTRACE`; set
+/// `RUST_LIB_BACKTRACE=1` to get the errors' back.
+///
+/// # Safety
+/// It sets an environment variable: call it first in `main`, before any other thread starts.
+pub unsafe fn skip_error_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: the caller's promise: no other thread runs yet.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
+}
+
 /// The last kernel compiled and how long ago; `None` before the first.
 pub fn last_compiled() -> Option<(String, Duration)> {
     let last = LAST.lock().unwrap_or_else(|e| e.into_inner());

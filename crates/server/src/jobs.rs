@@ -254,18 +254,23 @@ struct JobProgress<'a> {
     at_start: Kernels,
 }
 
+impl JobProgress<'_> {
+    /// Kernels compiled and tuned since the job started.
+    fn kernels(&self) -> Kernels {
+        Kernels::now().since(self.at_start)
+    }
+}
+
 impl Progress for JobProgress<'_> {
     fn stage(&mut self, stage: Stage, steps: usize) {
         (self.stage, self.total) = (stage, steps);
-        let kernels = Kernels::now().since(self.at_start);
-        self.job.status.send_replace(Status::Running { stage, step: 0, total: steps, eta_seconds: None, kernels });
+        self.job.status.send_replace(Status::Running { stage, step: 0, total: steps, eta_seconds: None, kernels: self.kernels() });
     }
 
     fn step(&mut self, done: usize, elapsed: Duration) {
         let per_step = elapsed.as_secs_f64() / done.max(1) as f64;
         let eta = Some(per_step * self.total.saturating_sub(done) as f64);
-        let kernels = Kernels::now().since(self.at_start);
-        self.job.status.send_replace(Status::Running { stage: self.stage, step: done, total: self.total, eta_seconds: eta, kernels });
+        self.job.status.send_replace(Status::Running { stage: self.stage, step: done, total: self.total, eta_seconds: eta, kernels: self.kernels() });
     }
 
     fn cancelled(&self) -> bool {
