@@ -227,6 +227,8 @@ fn a_cancelled_job_stops_at_the_next_step() {
         name == "cancelled"
     });
     assert_eq!(last["event"], "cancelled", "{last}");
+    // What the job compiled before it stopped (nothing on the CPU backend), as `done` says it.
+    assert_eq!(last["status"]["kernels"], json!({ "compiled": 0, "tuned": 0 }), "{last}");
     let stopped = last["status"]["step"].as_u64().unwrap();
     assert!(stopped >= seen && stopped < 1000, "stopped before step {stopped}, cancelled after {seen}");
     assert_eq!(serde_json::from_str::<Value>(&server.get(&format!("/v1/jobs/{id}")).1).unwrap()["status"], "cancelled");
@@ -306,6 +308,16 @@ fn a_failure_on_the_device_is_a_5xx_naming_the_stage() {
         assert!(body["error"]["message"].as_str().unwrap().contains("transformer_blocks.1.ff.net.2"), "{body}");
         server.healthy();
     }
+    // A job says the same in its `failed` event, with what it compiled (nothing on the CPU).
+    let (status, _, job) = server.post("/v1/jobs", &json!({ "prompt": "x", "width": 64, "height": 64, "steps": 1 }));
+    assert_eq!(status, 202, "{job}");
+    let mut last = Value::Null;
+    events(&server, &format!("/v1/jobs/{}/events", job["id"]), |name, e| {
+        last = json!({ "event": name, "status": e });
+        name != "progress"
+    });
+    assert_eq!((&last["event"], &last["status"]["error"]["stage"]), (&json!("failed"), &json!("transformer")), "{last}");
+    assert_eq!(last["status"]["kernels"], json!({ "compiled": 0, "tuned": 0 }), "{last}");
 }
 
 fn copy_dir(from: &Path, to: &Path) {

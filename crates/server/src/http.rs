@@ -187,7 +187,7 @@ async fn run(s: &AppState, api: Api, requests: Vec<ImageRequest>) -> Result<Fini
         Status::Done { images, sequence, .. } => {
             Ok(Finished { images, headers: [("x-cogview-job", job.id.to_string()), ("x-cogview-sequence", sequence.to_string())] })
         }
-        Status::Failed { error } => Err(error.into()),
+        Status::Failed { error, .. } => Err(error.into()),
         Status::Cancelled { .. } => Err(ApiError::new(409, "cancelled", format!("job {} was cancelled", job.id)).into()),
         _ => unreachable!("finished() returns a finished status"),
     }

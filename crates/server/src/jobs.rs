@@ -42,12 +42,13 @@ pub struct Image {
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum Status {
     Queued { position: usize },
-    /// `kernels`: GPU kernels compiled and autotune keys tuned since the job started (none on
-    /// the CPU backend, none for what the kernel cache or an earlier job already has).
+    /// `kernels`, here and in every finished status: GPU kernels compiled and autotune keys
+    /// tuned since the job started (none on the CPU backend, none for what the kernel cache or
+    /// an earlier job already has, none for a job cancelled before it ran).
     Running { stage: Stage, step: usize, total: usize, eta_seconds: Option<f64>, kernels: Kernels },
     Done { images: Arc<Vec<Image>>, seconds: f64, sequence: u64, kernels: Kernels },
-    Failed { error: ApiError },
-    Cancelled { stage: Option<Stage>, step: Option<usize> },
+    Failed { error: ApiError, kernels: Kernels },
+    Cancelled { stage: Option<Stage>, step: Option<usize>, kernels: Kernels },
 }
 
 impl Status {
@@ -188,7 +189,7 @@ pub fn run(queue: Arc<Queue>, mut worker: Worker) {
     loop {
         let job = queue.next();
         if job.cancel.load(Ordering::Relaxed) {
-            queue.finish(&job, Status::Cancelled { stage: None, step: None });
+            queue.finish(&job, Status::Cancelled { stage: None, step: None, kernels: Kernels::default() });
             continue;
         }
         queue.running.store(true, Ordering::Relaxed);
@@ -202,6 +203,7 @@ pub fn run(queue: Arc<Queue>, mut worker: Worker) {
             drop(stop);
             result
         });
+        let kernels = Kernels::now().since(at_start);
         let status = match result {
             Ok(batch) => {
                 worker.metrics.record_batch(&batch.outputs);
@@ -216,12 +218,12 @@ pub fn run(queue: Arc<Queue>, mut worker: Worker) {
                     })
                     .collect();
                 sequence += 1;
-                Status::Done { images: Arc::new(images), seconds: start.elapsed().as_secs_f64(), sequence, kernels: Kernels::now().since(at_start) }
+                Status::Done { images: Arc::new(images), seconds: start.elapsed().as_secs_f64(), sequence, kernels }
             }
-            Err(RuntimeError::Cancelled { stage, step }) => Status::Cancelled { stage: Some(stage), step },
+            Err(RuntimeError::Cancelled { stage, step }) => Status::Cancelled { stage: Some(stage), step, kernels },
             Err(e) => {
                 tracing::warn!("job {}: {e}", job.id);
-                Status::Failed { error: ApiError::run(&e, job.api) }
+                Status::Failed { error: ApiError::run(&e, job.api), kernels }
             }
         };
         worker.metrics.record_job(&status, start.elapsed());
