@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check of the bf16 matrix-product path (Vulkan cooperative matrices), for a session that
 # has the GPU. Here first: ../shared/gpu/prepare.sh   then the device tool's run with carry [".gpu"],
-# timeout_s 570, command "bash tools/gpu_check.sh". About 6-8 minutes on a fresh H200.
+# timeout_s 570, command "bash tools/gpu_check.sh". About 7-9 minutes on a fresh H200.
 # Output: $OUT/log.txt and the bench JSON files.
 #  1. `cogview devices`: the adapter lists bf16 products, `auto` picks them and the self-test passes.
 #  2. Exactness on the tiny fixture: the same image under auto (bf16 products) and f32 on the GPU; the
@@ -10,8 +10,11 @@
 #     `devices` says so: one flash call a block, no head groups) and --precision f32 (exact f32 flash,
 #     burn's unit kernel launched directly), each with its
 #     first step, median step and peak memory (compare with BENCHMARKS.md's diffusers CUDA figures).
-#     Every process uses the kernel cache in /tmp/kc: the first auto run is cold (compiles and tunes),
-#     the second auto run is warm (issue 15: first step <= 1.5x the median step when warm).
+#     Every process uses the kernel cache in /tmp/kc. The first two auto runs step as a generate does
+#     (--no-memory-samples): the first is cold (compiles and tunes), the second warm (issue 15: first
+#     step <= 1.5x the median step when warm; issue 14: the median step). The third auto run and the
+#     f32 run sample memory at every module output, for the peaks (each sample waits for the device,
+#     so their steps are a little slower than a generate's).
 #  4. The tiny fixture's image per process, cold and warm (issue 15: <= 3 s warm).
 # If the first auto run stops at its timeout (a tuning candidate that never finishes, as f16 did on
 # the H200), the rest runs with COGVIEW_MATMUL_KERNEL=matmul_simple_cyclic_cmma (no matmul tuning).
@@ -42,9 +45,10 @@ for k in ("step_latents", "image"):
     d = abs(a[k] - b[k]).max() / abs(b[k]).max()
     print(f"{k}: bf16 products vs f32 on the GPU: {d:.3e} of the scale ({'ok' if d <= 5e-2 else 'TOO FAR'})")
 PY
-for p in auto auto-warm f32; do
-  t "cogview DiT, 30 blocks, 1024², --precision ${p%-warm}"
-  timeout 200 $COGVIEW bench --preset full --width 1024 --height 1024 --steps 3 --stages denoise --precision ${p%-warm} --json > "$OUT/dit_$p.json"; echo "rc $?"
+for run in auto auto-warm auto-peaks f32-peaks; do
+  p=${run%%-*}; samples=--no-memory-samples; [ "${run#*-}" = peaks ] && samples=
+  t "cogview DiT, 30 blocks, 1024², --precision $p ${samples:-(memory samples at every module)}"
+  timeout 200 $COGVIEW bench --preset full --width 1024 --height 1024 --steps 3 --stages denoise --precision $p $samples --json > "$OUT/dit_$run.json"; echo "rc $?"
 done
 for run in cold warm; do
   t "tiny fixture image, $run process"
@@ -60,5 +64,5 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     except Exception: print(p.name, "(no JSON)"); continue
     r = d["report"]
     print(p.name, d.get("precision"), d.get("matmul"), d.get("attention"), d.get("matmul_kernel"), {k: round(r[k], 3) for k in ("first_step_seconds", "median_step_seconds") if r.get(k) is not None},
-          r.get("dit_peak"), "kernels compiled/tuned", r.get("dit_kernels"))
+          "peak" if d.get("memory_samples") else "peak between steps", r.get("dit_peak"), "kernels compiled/tuned", r.get("dit_kernels"))
 PY

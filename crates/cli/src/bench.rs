@@ -124,6 +124,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             (_, None) => "f32",
         },
         "kernel_cache": kernel_cache::active(),
+        // Whether the peaks come from every module's output (and the steps wait there) or
+        // from between steps only, as a `generate` runs.
+        "memory_samples": !args.no_memory_samples,
         "matmul_kernel": matmul_kernel::chosen().map_or("autotune".to_string(), |i| matmul_kernel::candidates()[i].to_string()),
         "image_seconds": report.image_seconds(Request::new("").steps),
         "report": report,
