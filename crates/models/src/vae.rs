@@ -328,14 +328,13 @@ impl Decoder {
 /// - x: `[N, C, H, W]` → `[N, C', H·s, W·s]` with `s = out_tile / tile`
 fn tiled(x: Tensor<4>, tile: usize, out_tile: usize, mut f: impl FnMut(Tensor<4>) -> Tensor<4>) -> Tensor<4> {
     let [_, _, h, w] = x.dims();
-    let stride = (tile as f64 * (1.0 - TILE_OVERLAP)) as usize;
     let blend = (out_tile as f64 * TILE_OVERLAP) as usize;
     let keep = out_tile - blend;
     let mut rows: Vec<Vec<Tensor<4>>> = Vec::new();
-    for i in (0..h).step_by(stride.max(1)) {
+    for (i, th) in tile_spans(h, tile) {
         let mut row: Vec<Tensor<4>> = Vec::new();
-        for j in (0..w).step_by(stride.max(1)) {
-            let mut out = f(x.clone().narrow(2, i, tile.min(h - i)).narrow(3, j, tile.min(w - j)));
+        for (j, tw) in tile_spans(w, tile) {
+            let mut out = f(x.clone().narrow(2, i, th).narrow(3, j, tw));
             if let Some(above) = rows.last() {
                 out = blend_edges(&above[row.len()], out, blend, 2);
             }
@@ -356,6 +355,25 @@ fn tiled(x: Tensor<4>, tile: usize, out_tile: usize, mut f: impl FnMut(Tensor<4>
 
 /// The tiles' overlap, as a fraction of a tile (diffusers' `tile_overlap_factor`).
 pub const TILE_OVERLAP: f64 = 0.25;
+
+/// Where [`tiled`] cuts a side of `len` with tiles of `tile`: each tile's start and length. A
+/// tile starts every three quarters of a tile while the start is inside, as diffusers' loop
+/// does (so the last tile may be a sliver).
+pub fn tile_spans(len: usize, tile: usize) -> impl Iterator<Item = (usize, usize)> {
+    let stride = ((tile as f64 * (1.0 - TILE_OVERLAP)) as usize).max(1);
+    (0..len).step_by(stride).map(move |start| (start, tile.min(len - start)))
+}
+
+/// Whether [`tiled`] with tiles of `tile` that become `out_tile` joins them without a seam:
+/// the rows a tile keeps after blending must end where the next tile's output starts, i.e.
+/// the stride over the tile equals the kept rows over the output tile. That holds for the
+/// decoder's tiles of a multiple of 4 latents and the encoder's of a multiple of 32 pixels
+/// (diffusers' own sizes, powers of two, always do).
+pub fn tile_joins(tile: usize, out_tile: usize) -> bool {
+    let stride = (tile as f64 * (1.0 - TILE_OVERLAP)) as usize;
+    let keep = out_tile - (out_tile as f64 * TILE_OVERLAP) as usize;
+    tile > 0 && stride * out_tile == keep * tile
+}
 
 /// diffusers' `blend_v` (dim 2) / `blend_h` (dim 3): the first `extent` rows (columns) of `b`
 /// become `a`'s last ones × (1 − y/extent) + `b`'s × y/extent.
@@ -487,5 +505,44 @@ mod tests {
         assert_eq!(&y[..6], &[1., 1., 2., 2., 3., 3.]);
         assert_eq!(&y[6..12], &[1., 1., 2., 2., 3., 3.]);
         assert_eq!(&y[12..18], &[4., 4., 5., 5., 6., 6.]);
+    }
+
+    /// A grid of distinct values in [0, 1).
+    fn grid(h: usize, w: usize, d: &Device) -> Tensor<4> {
+        let values: Vec<f32> = (0..h * w).map(|i| ((i * 7919) % 1009) as f32 / 1009.0).collect();
+        Tensor::<4>::from_data(TensorData::new(values, [1, 1, h, w]), d)
+    }
+
+    /// Whether `a` and `b` have one shape and the same values (to rounding: blending a value
+    /// with itself weighs it by factors that sum to 1 within an f32 step).
+    fn same(a: Tensor<4>, b: Tensor<4>) -> bool {
+        a.dims() == b.dims()
+            && a.into_data().try_to_vec::<f32>().unwrap().iter().zip(b.into_data().try_to_vec::<f32>().unwrap()).all(|(x, y)| (x - y).abs() <= 1e-6)
+    }
+
+    /// Tiling a map that works pixel by pixel changes nothing exactly when the tiles join
+    /// (`tile_joins`): the decoder's direction (each latent to 8×8 pixels), on a grid no tile
+    /// divides, for every tile size from 3 to 40.
+    #[test]
+    fn tiles_that_join_give_the_untiled_result() {
+        let d = Device::flex();
+        let up = |x: Tensor<4>| upsample_nearest_2x(upsample_nearest_2x(upsample_nearest_2x(x)));
+        let x = grid(37, 50, &d);
+        let whole = up(x.clone());
+        for tile in 3..=40 {
+            let joins = tile_joins(tile, 8 * tile);
+            assert_eq!(joins, tile % 4 == 0, "tile {tile}");
+            assert_eq!(same(tiled(x.clone(), tile, 8 * tile, up), whole.clone()), joins, "tile {tile}");
+        }
+        // The encoder's direction (every other pixel kept): tiles of a multiple of 8 join.
+        let down = |x: Tensor<4>| {
+            let [n, c, h, w] = x.dims();
+            x.reshape([n, c, h / 2, 2, w / 2, 2]).narrow(3, 0, 1).narrow(5, 0, 1).reshape([n, c, h / 2, w / 2])
+        };
+        let x = grid(40, 56, &d);
+        for tile in [8, 16, 24, 32] {
+            assert!(tile_joins(tile, tile / 2) && same(tiled(x.clone(), tile, tile / 2, down), down(x.clone())), "tile {tile}");
+        }
+        assert!(!tile_joins(12, 6) && !tile_joins(72, 9), "strides that land between output pixels");
     }
 }
