@@ -328,7 +328,7 @@ impl Decoder {
 /// - x: `[N, C, H, W]` → `[N, C', H·s, W·s]` with `s = out_tile / tile`
 fn tiled(x: Tensor<4>, tile: usize, out_tile: usize, mut f: impl FnMut(Tensor<4>) -> Tensor<4>) -> Tensor<4> {
     let [_, _, h, w] = x.dims();
-    let blend = (out_tile as f64 * TILE_OVERLAP) as usize;
+    let blend = tile_blend(out_tile);
     let keep = out_tile - blend;
     let mut rows: Vec<Vec<Tensor<4>>> = Vec::new();
     for (i, th) in tile_spans(h, tile) {
@@ -360,8 +360,17 @@ pub const TILE_OVERLAP: f64 = 0.25;
 /// tile starts every three quarters of a tile while the start is inside, as diffusers' loop
 /// does (so the last tile may be a sliver).
 pub fn tile_spans(len: usize, tile: usize) -> impl Iterator<Item = (usize, usize)> {
-    let stride = ((tile as f64 * (1.0 - TILE_OVERLAP)) as usize).max(1);
-    (0..len).step_by(stride).map(move |start| (start, tile.min(len - start)))
+    (0..len).step_by(tile_stride(tile)).map(move |start| (start, tile.min(len - start)))
+}
+
+/// How far apart tiles of `tile` start: three quarters of a tile (at least 1).
+fn tile_stride(tile: usize) -> usize {
+    ((tile as f64 * (1.0 - TILE_OVERLAP)) as usize).max(1)
+}
+
+/// The rows (columns) over which an output tile of `out_tile` is blended into its neighbour.
+fn tile_blend(out_tile: usize) -> usize {
+    (out_tile as f64 * TILE_OVERLAP) as usize
 }
 
 /// Whether [`tiled`] with tiles of `tile` that become `out_tile` joins them without a seam:
@@ -370,9 +379,7 @@ pub fn tile_spans(len: usize, tile: usize) -> impl Iterator<Item = (usize, usize
 /// decoder's tiles of a multiple of 4 latents and the encoder's of a multiple of 32 pixels
 /// (diffusers' own sizes, powers of two, always do).
 pub fn tile_joins(tile: usize, out_tile: usize) -> bool {
-    let stride = (tile as f64 * (1.0 - TILE_OVERLAP)) as usize;
-    let keep = out_tile - (out_tile as f64 * TILE_OVERLAP) as usize;
-    tile > 0 && stride * out_tile == keep * tile
+    tile > 0 && tile_stride(tile) * out_tile == (out_tile - tile_blend(out_tile)) * tile
 }
 
 /// diffusers' `blend_v` (dim 2) / `blend_h` (dim 3): the first `extent` rows (columns) of `b`

@@ -203,7 +203,7 @@ pub fn run(queue: Arc<Queue>, mut worker: Worker) {
             drop(stop);
             result
         });
-        let kernels = Kernels::now().since(at_start);
+        let kernels = progress.kernels();
         let status = match result {
             Ok(batch) => {
                 worker.metrics.record_batch(&batch.outputs);
