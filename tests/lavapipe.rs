@@ -86,15 +86,23 @@ fn named_matmul_kernels_on_lavapipe() {
     assert_eq!(launched, tried[..3], "the kernels that launched themselves");
 }
 
-/// Attention padded to f16 tiles (`cogview_shaders::flash`) through burn's attention on
-/// lavapipe, which lists no cooperative matrices, so burn runs f32 kernels there: the padding
-/// (head size 40 → 48, 70 queries → 128), the folded scale and v's divisor must change nothing
-/// but f32 rounding against burn's attention on the unpadded inputs on the CPU backend. The
-/// exact path (`flash::exact_attention`) likewise.
+/// Attention padded to f16 tiles (`cogview_shaders::flash::attention`) on lavapipe, against
+/// burn's attention on the unpadded f32 inputs on the CPU backend; v past f16's range. The
+/// kernel's inputs are f16, with f32 sums.
+/// - Mesa 25.1 and later list f16 cooperative matrices (8×8×8 on lavapipe), so burn runs its
+///   accelerated flash kernel, as on a GPU's matrix hardware: with the adapter's own tiles and
+///   with an H200's (16: heads padded 40 → 48, 70 queries → 128). The attention self-test the
+///   precision policy runs must pass on both.
+/// - Older Mesa lists none (CI's bookworm-backports Mesa 25.0): burn runs its other kernels on
+///   the same f16 inputs, which checks the padding, the folded scale and v's divisor.
+///
+/// Either way the result must be within the f16 tiles' derived tolerance and really rounded
+/// (farther than f32 rounding: f16 inputs reached the kernel). The exact path
+/// (`flash::exact_attention`, burn's unit kernel) is f32 on both.
 #[test]
-fn flash_padding_on_lavapipe() {
-    let (_, dev) = lavapipe();
-    assert_eq!(cogview_shaders::flash::tiles(&dev), None, "lavapipe lists no cooperative matrices");
+fn flash_attention_on_lavapipe() {
+    use cogview_shaders::flash::{self, F16_TILES_TOL};
+    let (adapter, dev) = lavapipe();
     let dims = [1, 2, 70, 40];
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
     let mut random = |scale: f32| -> Vec<f32> { (0..dims.iter().product()).map(|_| rng.random_range(-scale..scale)).collect() };
@@ -110,15 +118,24 @@ fn flash_padding_on_lavapipe() {
     };
     let (q, k, v) = (normalised(random(1.0)), normalised(random(1.0)), random(1e5));
     let on = |x: &[f32], d: &Device| Tensor::<4>::from_data(TensorData::new(x.to_vec(), dims), d);
-    let tiles = FlashTiles { head: 16, rows: 128 };
-    let got = values(cogview_shaders::flash::attention(on(&q, &dev), on(&k, &dev), on(&v, &dev), tiles));
     let cpu = Device::flex();
-    let want = values(cogview_shaders::flash::attention_reference(on(&q, &cpu), on(&k, &cpu), on(&v, &cpu)));
-    assert_close("flash padding on lavapipe", &got, &want, LAVAPIPE_ATTENTION_TOL);
+    let want = values(flash::attention_reference(on(&q, &cpu), on(&k, &cpu), on(&v, &cpu)));
+    let h200 = FlashTiles { head: 16, rows: 128 };
+    let own = flash::tiles(&dev);
+    println!("{}: f16 cooperative-matrix tiles {own:?}", adapter.name);
+    for tiles in own.into_iter().chain([h200]) {
+        let got = values(flash::attention(on(&q, &dev), on(&k, &dev), on(&v, &dev), tiles));
+        let err = assert_close(&format!("flash on lavapipe, {tiles:?}"), &got, &want, F16_TILES_TOL);
+        assert!(err > LAVAPIPE_ATTENTION_TOL, "{tiles:?}: error {err:.2e} is f32 rounding: the kernel did not get f16 inputs");
+        if own.is_some() {
+            let report = cogview_runtime::selftest::run_flash(&dev, tiles);
+            assert!(report.passed, "the attention self-test on lavapipe's f16 tiles, {tiles:?}: {report:?}");
+        }
+    }
     // The exact f32 path (burn's unit flash kernel launched directly), whatever the group size
     // its fallback would use.
     for group in [1, 2] {
-        let got = values(cogview_shaders::flash::exact_attention(on(&q, &dev), on(&k, &dev), on(&v, &dev), group));
+        let got = values(flash::exact_attention(on(&q, &dev), on(&k, &dev), on(&v, &dev), group));
         assert_close("exact flash on lavapipe", &got, &want, LAVAPIPE_ATTENTION_TOL);
     }
 }

@@ -24,6 +24,10 @@
 //!   weights are in `[0, 1]` and sum to one, so every f16 operand (v, and the weights) is at
 //!   most 1 and every output at most that largest magnitude. A NaN or an infinity in v makes
 //!   the divisor NaN or infinite, so the output is NaN and the non-finite guard stops the run.
+//! - **dtype**: the kernel reads q, k and v in its tiles' dtype and writes its output in it, so
+//!   they are cast to f16 before it and the output (at most 1) back to f32. Given f32 inputs it
+//!   reports an invalid configuration too, and burn's quiet fallback would materialise the
+//!   scores after all.
 //!
 //! f16 keeps 11 significant bits (bf16 8), so this is more exact than the bf16 linear products
 //! it runs beside. It is used only with those products ([`FlashTiles`] comes with the precision
@@ -31,10 +35,10 @@
 //! kernel, which has no matrix hardware but no score matrix either.
 //!
 //! On burn's CPU backend the same numbers are emulated: the padded, scaled q, k and v rounded to
-//! f16, then the exact-softmax kernel of [`crate::attention`] in f32. The kernel also rounds the
-//! softmax weights to f16 for `p v` (relative 2^-11 on weights that sum to one), which the
-//! emulation does not. The plain-burn reference is burn's `attention` on the unpadded f32
-//! inputs, [`attention_reference`].
+//! f16, then the exact-softmax kernel of [`crate::attention`] in f32, its output rounded to f16.
+//! The kernel also rounds the softmax weights to f16 for `p v` (relative 2^-11 on weights that
+//! sum to one), which the emulation does not. The plain-burn reference is burn's `attention` on
+//! the unpadded f32 inputs, [`attention_reference`].
 
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::ops::attention::attention_fallback;
@@ -148,12 +152,30 @@ fn padded(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, tiles: FlashTiles, round: bo
     let o = match q.device().as_dispatch() {
         burn::backend::DispatchDevice::Flex(_) => {
             let f16 = |x: Tensor<4>| if round { x.cast(DType::F16).cast(DType::F32) } else { x };
-            crate::attention::attention(f16(q), f16(k), f16(v), None, 1.0 / (hd_pad as f64).sqrt())
+            f16(crate::attention::attention(f16(q), f16(k), f16(v), None, 1.0 / (hd_pad as f64).sqrt()))
         }
-        _ => attention_reference(q, k, v),
+        // The kernel's inputs must already be in its tiles' dtype: given f32, it reports an
+        // invalid configuration ("Query global and tile types must be the same") and burn
+        // silently runs its fallback, which materialises every head's scores (seen on lavapipe
+        // with Mesa 26's cooperative matrices).
+        _ => {
+            let f16 = |x: Tensor<4>| x.cast(DType::F16);
+            attention_reference(f16(q), f16(k), f16(v)).cast(DType::F32)
+        }
     };
     o.slice([0..n, 0..h, 0..t, 0..hd]) * v_max
 }
+
+/// How far [`attention`] on f16 tiles may be from [`attention_reference`], relative to the
+/// output's largest magnitude (v past f16's range included, as it is scaled). f16 inputs
+/// (relative rounding 2^-11 = 4.9e-4 each). A score `q·k/√hd` with `|q| = |k| =
+/// √hd` moves by at most `2 · 2^-11 · √hd` (3.1e-3 at hd 40), which moves each softmax
+/// weight by at most twice that, relative: the output, a weighted mean of v, by at most
+/// `4 · 2^-11 · √hd + 2^-11` of v's largest magnitude = 1.3e-2 at hd 40; the GPU kernel also
+/// rounds the softmax weights to f16 for `p v` (2^-11 more) and writes an f16 output of
+/// magnitude at most 1 (2^-12 more): 1.4e-2. Rounded up to 2e-2. (Measured: about 2e-4
+/// emulated, 5e-4 on lavapipe's f16 tiles; the bound adds every rounding with one sign.)
+pub const F16_TILES_TOL: f32 = 2e-2;
 
 #[cfg(test)]
 mod tests {
@@ -193,13 +215,6 @@ mod tests {
     /// f32 rounding of the padded problem against the unpadded one: the zero columns add exact
     /// zeros, the folded scale and v's divisor each round once (2^-24), the softmax sums 70 keys.
     const PADDING_TOL: f32 = 1e-5;
-
-    /// f16 inputs (relative rounding 2^-11 = 4.9e-4 each). A score `q·k/√hd` with `|q| = |k| =
-    /// √hd` moves by at most `2 · 2^-11 · √hd` (3.1e-3 at hd 40), which moves each softmax
-    /// weight by at most twice that, relative: the output, a weighted mean of v, by at most
-    /// `4 · 2^-11 · √hd + 2^-11` of v's largest magnitude = 1.3e-2 at hd 40. Rounded up to 2e-2.
-    /// (Measured: about 2e-4; the bound adds every rounding with one sign.)
-    const F16_TILES_TOL: f32 = 2e-2;
 
     /// Padding alone (no f16 rounding) is exact: head sizes that are and are not multiples of
     /// the tile, token counts that are and are not multiples of the stage, one and two images.
