@@ -91,8 +91,8 @@ fn named_matmul_kernels_on_lavapipe() {
 /// kernel's inputs are f16, with f32 sums.
 /// - Newer Mesa (26.1 in `.ci/run`'s second run) lists f16 cooperative matrices (8×8×8 on
 ///   lavapipe), so burn runs its accelerated flash kernel, as on a GPU's matrix hardware: with
-///   the adapter's own tiles and with an H200's (16: heads padded 40 → 48, 70 queries → 128). The attention self-test the
-///   precision policy runs must pass on both.
+///   the adapter's own tiles and with an H200's (16: heads padded 40 → 48, 70 queries → 128).
+///   The attention self-test the precision policy runs must pass on both.
 /// - Older Mesa lists none (CI's bookworm-backports Mesa 25.0): burn runs its other kernels on
 ///   the same f16 inputs, which checks the padding, the folded scale and v's divisor.
 ///
