@@ -9,7 +9,7 @@ use cogview_shaders::bf16::{unpack_bf16, unpack_bf16_reference, upload_packed};
 use rand::{Rng, SeedableRng};
 use cogview_runtime::models::WeightStorage;
 use cogview_runtime::plan::{Residency, WeightsChoice};
-use cogview_tests::stages::{DIT_F32_TOL, T5_F32_TOL, assert_identical, bf16_copy, decode_case, encode, forward_cases, run_case, run_stored};
+use cogview_tests::stages::{DIT_F32_TOL, T5_F32_TOL, assert_identical, bf16_copy, decode_case, encode, forward_cases, relative_distance, run_case, run_stored};
 use cogview_shaders::flash::FlashTiles;
 use cogview_tests::{Refs, assert_close, lavapipe, values};
 
@@ -140,6 +140,71 @@ fn flash_attention_on_lavapipe() {
     }
 }
 
+/// The bf16 products' GPU path (`cogview_shaders::bf16_product`: its backend extension, the
+/// activations' cast, the transposed weight read in place, the f32 output, the convolution's
+/// tap products) with f16 in place of bf16 — lavapipe's cooperative matrices have f16 and no
+/// bf16 — against plain burn on the CPU backend with the same f16 roundings, at the shapes of a
+/// linear layer, the transformer's modulation (2 rows) and the self-test.
+/// - Autotuned (`bf16_linear`, `bf16_conv2d`), as the model runs: whichever kernel wins.
+/// - The self-test's probe (`bf16_linear_probe`): the matrix hardware's kernels alone. Where
+///   lavapipe lists f16 tiles (Mesa 26, `.ci/run`'s second run) it must give the product; where
+///   it lists none (Mesa 25) NaN, so that the self-test fails instead of the run stopping.
+///
+/// The results must also be farther than f32 rounding from the f32 product of the unrounded
+/// values: the inputs were rounded.
+#[test]
+fn half_products_on_lavapipe() {
+    use burn::tensor::module::{conv2d, linear};
+    use burn::tensor::ops::ConvOptions;
+    use cogview_shaders::bf16_product::{bf16_conv2d, bf16_linear, bf16_linear_probe};
+    let (adapter, dev) = lavapipe();
+    let tiles = cogview_shaders::flash::tiles(&dev);
+    println!("{}: f16 cooperative-matrix tiles {tiles:?}", adapter.name);
+    let cpu = Device::flex();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+    let mut random = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let rounded = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect() };
+    let far_from = |what: &str, got: &[f32], unrounded: &[f32]| {
+        let d = relative_distance(got, unrounded);
+        assert!(d > LAVAPIPE_MATMUL_TOL, "{what}: {d:.2e} from the f32 product of the unrounded inputs: they were not rounded");
+    };
+    for [m, k, n] in [[37, 72, 50], [2, 64, 48], [8, 64, 16]] {
+        let (x, w, b) = (random(m * k), random(n * k), random(n));
+        let on = |v: &[f32], dims: [usize; 2], d: &Device| Tensor::<2>::from_data(TensorData::new(v.to_vec(), dims), d);
+        let bias = |d: &Device| Tensor::<1>::from_data(TensorData::new(b.clone(), [n]), d);
+        let reference = |x: &[f32], w: &[f32], with_bias: bool| {
+            values(linear(on(x, [m, k], &cpu), on(w, [n, k], &cpu).transpose(), with_bias.then(|| bias(&cpu))))
+        };
+        let weight = || on(&w, [n, k], &dev).cast(DType::F16);
+        let what = format!("f16 products on lavapipe, {m}×{k}×{n}");
+        let got = values(bf16_linear(on(&x, [m, k], &dev), weight(), Some(bias(&dev))));
+        assert_close(&what, &got, &reference(&rounded(&x), &rounded(&w), true), LAVAPIPE_MATMUL_TOL);
+        far_from(&what, &got, &reference(&x, &w, true));
+        let probed = values(bf16_linear_probe(on(&x, [m, k], &dev), weight()));
+        if tiles.is_some() {
+            assert_close(&format!("{what}, the probe"), &probed, &reference(&rounded(&x), &rounded(&w), false), LAVAPIPE_MATMUL_TOL);
+        } else {
+            assert!(probed.iter().all(|v| v.is_nan()), "{what}: the probe ran without cooperative matrices");
+        }
+    }
+    // 3×3 "same" (the VAE's convolutions) and 1×1 (its shortcuts), 8 input channels: 72 terms.
+    let [c_in, c_out, h, w] = [8, 12, 6, 5];
+    let x = random(c_in * h * w);
+    let b = random(c_out);
+    for kernel in [3, 1] {
+        let kw = random(c_out * c_in * kernel * kernel);
+        let on = |v: &[f32], dims: [usize; 4], d: &Device| Tensor::<4>::from_data(TensorData::new(v.to_vec(), dims), d);
+        let bias = |d: &Device| Tensor::<1>::from_data(TensorData::new(b.clone(), [c_out]), d);
+        let (xd, kd) = ([1, c_in, h, w], [c_out, c_in, kernel, kernel]);
+        let pad = [kernel / 2, kernel / 2];
+        let reference = |x: &[f32], k: &[f32]| values(conv2d(on(x, xd, &cpu), on(k, kd, &cpu), Some(bias(&cpu)), ConvOptions::new([1, 1], pad, [1, 1], 1)));
+        let what = format!("f16 tap products on lavapipe, {kernel}×{kernel}");
+        let got = values(bf16_conv2d(on(&x, xd, &dev), on(&kw, kd, &dev).cast(DType::F16), bias(&dev), pad));
+        assert_close(&what, &got, &reference(&rounded(&x), &rounded(&kw)), LAVAPIPE_MATMUL_TOL);
+        far_from(&what, &got, &reference(&x, &kw));
+    }
+}
+
 /// f32 rounding of the same attention on two backends (lavapipe's `exp` is LLVM's vectorised
 /// one, burn-flex's the standard library's; the sums run in different orders): a few ulps per
 /// score, about 1e-6 of the output's scale; 1e-5 leaves room.
@@ -147,4 +212,6 @@ const LAVAPIPE_ATTENTION_TOL: f32 = 1e-5;
 
 /// An f32 product on lavapipe against the CPU's: the same 72 terms (each of size ≤ 1) summed in
 /// another order, at most about 72 · 2^-24 ≈ 4e-6 apart; the output's scale is several units.
+/// The same holds for products of f16-rounded inputs (at most 72 terms; a product of two f16
+/// values, 11 significant bits each, is exact in f32) plus a bias.
 const LAVAPIPE_MATMUL_TOL: f32 = 1e-5;

@@ -18,12 +18,16 @@
 //! (exact), then an f32 product. A product of two bf16 values (8 significant bits each) has at
 //! most 16 significant bits and is exact in f32, so the emulation differs from the hardware only
 //! in the order of the f32 sums. The plain-burn reference is [`bf16_linear_reference`].
+//!
+//! An f16 weight runs the same code with f16 in place of bf16 (the activations rounded to f16,
+//! f16 × f16 → f32 products): not for models (f16's range is what CogView3-Plus overflows), but
+//! so that the GPU path runs where the matrix hardware has f16 and no bf16, as on Mesa's
+//! lavapipe in CI.
 
 use burn::backend::{Backend, Dispatch, backend_extension, tensor::FloatTensor};
 use burn::tensor::ops::PadMode;
 use burn::tensor::{DType, Device, Shape, Tensor};
 use burn_cubecl::CubeBackend;
-use burn_cubecl::kernel::matmul::{MatmulStrategy, matmul};
 use burn_cubecl::ops::numeric::full_client;
 use cubecl::ir::{ElemType, FloatKind};
 
@@ -44,7 +48,8 @@ pub fn available(device: &Device) -> bool {
 /// `x · weightᵀ + bias` with `x` and `weight` rounded to bf16 and the sums in f32.
 ///
 /// On CubeCL adapters the product runs on the matrix hardware (`weight` must be a bf16 tensor
-/// there); on burn's CPU backend it is emulated (any float dtype). The output is f32.
+/// there, or f16: see the module doc); on burn's CPU backend it is emulated (any float dtype;
+/// an f16 weight rounds to f16 instead). The output is f32.
 ///
 /// # Shapes
 /// - x: `[rows, d_in]` (f32), weight: `[d_out, d_in]` (bf16), bias: `[d_out]` (f32) →
@@ -53,10 +58,11 @@ pub fn bf16_linear(x: Tensor<2>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> 
     product(x, weight, bias, true)
 }
 
-/// [`bf16_linear`] without a bias through one fixed kernel choice instead of autotune: where no
-/// matrix-hardware kernel can be built for the adapter, the output is NaN rather than a panic
-/// (a release build aborts on a panic). For the self-test that decides whether the adapter
-/// gets bf16 products at all.
+/// [`bf16_linear`] without a bias through the matrix hardware alone instead of autotune: cubek's
+/// simple cooperative-matrix kernel, else its manual-MMA twin. Where neither launches, for
+/// whatever reason, the output is NaN rather than a panic (a release build aborts on a panic;
+/// cubek's own fixed choice panics on an invalid configuration) or a kernel without the matrix
+/// hardware. For the self-test that decides whether the adapter gets bf16 products at all.
 ///
 /// # Shapes
 /// - as [`bf16_linear`]
@@ -69,15 +75,17 @@ pub fn bf16_linear_probe(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
 fn product(x: Tensor<2>, weight: Tensor<2>, bias: Option<Tensor<1>>, tuned: bool) -> Tensor<2> {
     let y = match x.device().as_dispatch() {
         burn::backend::DispatchDevice::Flex(_) => {
-            let x = x.cast(DType::BF16).cast(DType::F32);
-            let weight = weight.cast(DType::BF16).cast(DType::F32);
+            let half = if weight.dtype() == DType::F16 { DType::F16 } else { DType::BF16 };
+            let x = x.cast(half).cast(DType::F32);
+            let weight = weight.cast(half).cast(DType::F32);
             if linear::applies(&x, &weight, bias.as_ref()) {
                 return linear::linear(x, weight, bias);
             }
             crate::matmul(x, weight.transpose())
         }
         _ => {
-            assert_eq!(weight.dtype(), DType::BF16, "bf16_linear: the weight must be stored in bf16 on a GPU");
+            let dtype = weight.dtype();
+            assert!(matches!(dtype, DType::BF16 | DType::F16), "bf16_linear: the weight must be stored in bf16 on a GPU, not {dtype:?}");
             Tensor::from_dispatch(Dispatch::bf16_product(x.into_dispatch(), weight.into_dispatch(), tuned))
         }
     };
@@ -113,13 +121,15 @@ pub fn bf16_linear_reference(x: Tensor<2>, weight: Tensor<2>, bias: Option<Tenso
 /// which is exact.
 ///
 /// # Shapes
-/// - x: `[N, C_in, H, W]` (f32), weight: `[C_out, C_in, kh, kw]` (bf16 on a GPU), bias:
+/// - x: `[N, C_in, H, W]` (f32), weight: `[C_out, C_in, kh, kw]` (bf16 on a GPU, or f16 as in
+///   [`bf16_linear`]), bias:
 ///   `[C_out]`, padding `[ph, pw]` on each side → `[N, C_out, H + 2ph - kh + 1, W + 2pw - kw + 1]`
 ///   (f32)
 pub fn bf16_conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, padding: [usize; 2]) -> Tensor<4> {
     let [n, c_in, h, w] = x.dims();
     let [c_out, _, kh, kw] = weight.dims();
     let [ph, pw] = padding;
+    let half = weight.dtype();
     let (hp, wp) = (h + 2 * ph, w + 2 * pw);
     let (ho, wo) = (hp + 1 - kh, wp + 1 - kw);
     let rows = n * hp * wp;
@@ -138,7 +148,7 @@ pub fn bf16_conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, padding: [u
             let window = flat.clone().slice([shift..shift + rows, 0..c_in]);
             let t = (i * kw + j) * c_out;
             let at = taps.clone().slice([t..t + c_out, 0..c_in]);
-            let p = bf16_linear(window, if on_cpu { at } else { at.cast(DType::BF16) }, None);
+            let p = bf16_linear(window, if on_cpu { at } else { at.cast(half) }, None);
             y = Some(match y {
                 Some(sum) => sum + p,
                 None => p,
@@ -161,8 +171,8 @@ pub fn bf16_conv2d_reference(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, p
 
 #[backend_extension(Cube, Fusion)]
 pub trait Bf16ProductOps: Backend {
-    /// `x · weightᵀ`: `x` f32 `[rows, d_in]`, `weight` bf16 `[d_out, d_in]`, output f32;
-    /// `tuned`: autotuned, else cubek's fixed choice with NaN for a kernel that cannot launch.
+    /// `x · weightᵀ`: `x` f32 `[rows, d_in]`, `weight` bf16 (or f16) `[d_out, d_in]`, output
+    /// f32; `tuned`: autotuned, else [`PROBE_KERNELS`] with NaN where none launches.
     #[fusion(dtype = burn::tensor::DType::F32, shape = Shape::new([x[0], weight[0]]))]
     fn bf16_product(x: FloatTensor<Self>, weight: FloatTensor<Self>, tuned: bool) -> FloatTensor<Self>;
 }
@@ -171,24 +181,43 @@ impl Bf16ProductOps for CubeBackend {
     fn bf16_product(x: FloatTensor<Self>, weight: FloatTensor<Self>, tuned: bool) -> FloatTensor<Self> {
         let (client, device) = (x.client.clone(), x.device.clone());
         let shape = Shape::new([x.meta.shape()[0], weight.meta.shape()[0]]);
-        // Both operands bf16 (burn-cubecl binds the right-hand side with the left-hand dtype);
-        // the transposed weight is a view, which the matmul reads in place.
-        let x = burn_cubecl::kernel::cast(x, DType::BF16);
+        // Both operands in the weight's dtype (burn-cubecl binds the right-hand side with the
+        // left-hand dtype); the transposed weight is a view, which the matmul reads in place.
+        let half = weight.dtype;
+        let x = burn_cubecl::kernel::cast(x, half);
         let weight_t = <Self as burn::backend::ops::FloatTensorOps<Self>>::float_swap_dims(weight, 0, 1);
-        // cubek's fixed choice tries its cooperative-matrix kernel, then a unit kernel that
-        // needs bf16 arithmetic, and returns an error when neither can launch.
         let product = match tuned {
-            true => crate::matmul_kernel::product(crate::matmul_kernel::chosen(), x, weight_t, DType::F32),
-            false => matmul(x, weight_t, None, MatmulStrategy::Cube, DType::F32),
+            true => crate::matmul_kernel::product(crate::matmul_kernel::chosen(), x, weight_t, DType::F32).map_err(|e| format!("{e:?}")),
+            false => probe(x, weight_t),
         };
         match product {
             Ok(y) => y,
             Err(e) => {
-                tracing::warn!("no bf16 × bf16 → f32 matrix-product kernel for this adapter: {e:?}");
+                tracing::warn!("no {half:?} × {half:?} → f32 matrix-product kernel for this adapter: {e}");
                 full_client::<f32>(client, shape, device, f32::NAN)
             }
         }
     }
+}
+
+/// The kernels the self-test's probe tries, in order (names as in
+/// [`crate::matmul_kernel::names`]): cubek's own first choice, its simple cooperative-matrix
+/// kernel, then the same on manual MMA (the other kind of matrix-hardware configuration
+/// [`available`] counts).
+pub const PROBE_KERNELS: [&str; 2] = ["matmul_simple_cyclic_cmma", "matmul_simple_cyclic_mma"];
+
+/// `x · weight_t` through the first of [`PROBE_KERNELS`] that launches; every kernel's setup
+/// error where none does.
+fn probe(x: burn_cubecl::tensor::CubeTensor, weight_t: burn_cubecl::tensor::CubeTensor) -> Result<burn_cubecl::tensor::CubeTensor, String> {
+    let mut errors = Vec::new();
+    for name in PROBE_KERNELS {
+        let kernel = crate::matmul_kernel::named(name).expect("a matmul candidate's name");
+        match crate::matmul_kernel::launch(kernel, x.clone(), weight_t.clone(), DType::F32) {
+            Ok(y) => return Ok(y),
+            Err(e) => errors.push(format!("{name}: {e:?}")),
+        }
+    }
+    Err(errors.join("; "))
 }
 
 #[cfg(test)]
@@ -229,6 +258,14 @@ mod tests {
                     assert!(err <= EMULATION_TOL, "{rows}×{d_in}×{d_out}: error {err:.2e} of the scale");
                 }
             }
+        }
+    }
+
+    /// The probe's kernels are matmul candidates (a wrong name would fail every self-test).
+    #[test]
+    fn probe_kernels_are_candidates() {
+        for name in PROBE_KERNELS {
+            assert!(crate::matmul_kernel::named(name).is_some(), "{name}");
         }
     }
 

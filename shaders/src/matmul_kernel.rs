@@ -145,13 +145,8 @@ pub(crate) fn product(kernel: Option<usize>, lhs: CubeTensor, rhs: CubeTensor, o
     let Some(strategy) = kernel.and_then(|k| candidates().get(k)) else {
         return matmul(lhs, rhs, None, MatmulStrategy::default(), out_dtype);
     };
-    let (l, r, o) = (dtype_to_storage_type(lhs.dtype), dtype_to_storage_type(rhs.dtype), dtype_to_storage_type(out_dtype));
-    let out = init_matmul_output(&lhs, &rhs, out_dtype);
-    let client = out.client.clone();
-    let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: l, rhs: r, out: o });
-    let (lhs_in, rhs_in) = (InputBinding::new(lhs.clone().binding(), l), InputBinding::new(rhs.clone().binding(), r));
-    match cubek::matmul::launch::launch_ref(strategy, &client, lhs_in, rhs_in, out.clone().binding(), &mut dtypes) {
-        Ok(()) => Ok(out),
+    match launch(strategy, lhs.clone(), rhs.clone(), out_dtype) {
+        Ok(out) => Ok(out),
         Err(e) => {
             if FALLBACKS.fetch_add(1, Ordering::Relaxed) == 0 {
                 tracing::warn!("{VARIABLE}={strategy} cannot launch a product ({e:?}): burn's autotune for those");
@@ -159,6 +154,22 @@ pub(crate) fn product(kernel: Option<usize>, lhs: CubeTensor, rhs: CubeTensor, o
             matmul(lhs, rhs, None, MatmulStrategy::default(), out_dtype)
         }
     }
+}
+
+/// `lhs · rhs` into `out_dtype` through `strategy` alone: its setup error (an unavailable
+/// feature, an invalid configuration) where it cannot launch, never another kernel.
+pub(crate) fn launch(strategy: &Strategy, lhs: CubeTensor, rhs: CubeTensor, out_dtype: DType) -> Result<CubeTensor, MatmulSetupError> {
+    let (l, r, o) = (dtype_to_storage_type(lhs.dtype), dtype_to_storage_type(rhs.dtype), dtype_to_storage_type(out_dtype));
+    let out = init_matmul_output(&lhs, &rhs, out_dtype);
+    let client = out.client.clone();
+    let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: l, rhs: r, out: o });
+    let (lhs_in, rhs_in) = (InputBinding::new(lhs.binding(), l), InputBinding::new(rhs.binding(), r));
+    cubek::matmul::launch::launch_ref(strategy, &client, lhs_in, rhs_in, out.clone().binding(), &mut dtypes).map(|()| out)
+}
+
+/// The candidate called `name` (see [`names`]).
+pub(crate) fn named(name: &str) -> Option<&'static Strategy> {
+    candidates().iter().find(|s| s.to_string() == name)
 }
 
 static FALLBACKS: AtomicUsize = AtomicUsize::new(0);
