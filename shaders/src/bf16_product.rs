@@ -186,8 +186,19 @@ impl Bf16ProductOps for CubeBackend {
         let half = weight.dtype;
         let x = burn_cubecl::kernel::cast(x, half);
         let weight_t = <Self as burn::backend::ops::FloatTensorOps<Self>>::float_swap_dims(weight, 0, 1);
+        let tuned_product = |x, weight_t| crate::matmul_kernel::product(crate::matmul_kernel::chosen(), x, weight_t, DType::F32).map_err(|e| format!("{e:?}"));
         let product = match tuned {
-            true => crate::matmul_kernel::product(crate::matmul_kernel::chosen(), x, weight_t, DType::F32).map_err(|e| format!("{e:?}")),
+            // One row (a batch of one image: the modulation's linear layers without guidance)
+            // is a vector-matrix product, for which burn's autotune tries gemv kernels first.
+            // One of them (cubek's GemvUnitPerpendicular) passes its bf16 inputs between a
+            // subgroup's lanes, which SPIR-V's bf16 (SPV_KHR_bfloat16: loads, stores,
+            // conversions, dot products and cooperative matrices only) does not allow, so a
+            // driver may refuse it. The self-tested kernel takes those instead; autotune only
+            // where it cannot launch, or where a kernel is named.
+            true if shape[0] == 1 && crate::matmul_kernel::chosen().is_none() => {
+                probe(x.clone(), weight_t.clone()).or_else(|_| tuned_product(x, weight_t))
+            }
+            true => tuned_product(x, weight_t),
             false => probe(x, weight_t),
         };
         match product {
