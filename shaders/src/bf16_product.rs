@@ -211,10 +211,9 @@ impl Bf16ProductOps for CubeBackend {
     }
 }
 
-/// The kernels the self-test's probe tries, in order (names as in
-/// [`crate::matmul_kernel::names`]): cubek's own first choice, its simple cooperative-matrix
-/// kernel, then the same on manual MMA (the other kind of matrix-hardware configuration
-/// [`available`] counts).
+/// The kernels the probe tries, in order (names as in [`crate::matmul_kernel::names`]):
+/// cubek's simple cooperative-matrix kernel (its own first choice), then the same on manual MMA
+/// (the other kind of matrix-hardware configuration [`available`] counts).
 pub const PROBE_KERNELS: [&str; 2] = ["matmul_simple_cyclic_cmma", "matmul_simple_cyclic_mma"];
 
 /// `x · weight_t` through the first of [`PROBE_KERNELS`] that launches; every kernel's setup
