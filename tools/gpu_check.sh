@@ -16,6 +16,7 @@
 #     f32 run sample memory at every module output, for the peaks (each sample waits for the device,
 #     so their steps are a little slower than a generate's).
 #  4. The tiny fixture's image per process, cold and warm (issue 15: <= 3 s warm).
+#  5. Last, the tiny fixture without guidance under auto (single-row bf16 products): rc 0.
 # If the first auto run stops at its timeout (a tuning candidate that never finishes, as f16 did on
 # the H200), the rest runs with COGVIEW_MATMUL_KERNEL=matmul_simple_cyclic_cmma (no matmul tuning).
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
@@ -56,7 +57,6 @@ for run in cold warm; do
   COGVIEW_KERNEL_CACHE=/tmp/kc_tiny python3 -c 'import subprocess, sys, time; s = time.time(); r = subprocess.run(sys.argv[1:]).returncode; print(f"rc {r}, {time.time() - s:.2f} s")' \
     timeout 90 $COGVIEW generate --model tests/fixtures/base/pipeline --prompt "$prompt" --steps 4 -W 64 -H 64 --seed 0 -o /tmp/tiny_$run.png --overwrite -q
 done
-t done
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib
 for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
@@ -66,3 +66,10 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     print(p.name, d.get("precision"), d.get("matmul"), d.get("attention"), d.get("matmul_kernel"), {k: round(r[k], 3) for k in ("first_step_seconds", "median_step_seconds") if r.get(k) is not None},
           "peak" if d.get("memory_samples") else "peak between steps", r.get("dit_peak"), "kernels compiled/tuned", r.get("dit_kernels"))
 PY
+# Last, in whatever time is left: one image (batch of one) without guidance under auto, whose
+# modulation products have a single row (bf16_product runs those on the self-tested kernel, not
+# on autotune's gemv candidates, one of which passes bf16 values between subgroup lanes).
+t "tiny fixture, --guidance 1, auto"
+timeout 60 $COGVIEW generate --model tests/fixtures/base/pipeline --prompt "$prompt" --steps 4 --guidance 1 \
+  -W 96 -H 64 --seed 0 -o /tmp/tiny_g1.png --overwrite -q; echo "rc $?"
+t done
