@@ -206,7 +206,7 @@ pub struct WarmupArgs {
     device: DeviceArgs,
 }
 
-/// `cogview warmup`: one block of the text encoder and of the transformer and the whole VAE
+/// `cogview warmup`: two blocks of the text encoder and of the transformer and the whole VAE
 /// decoder, on random weights, at the size and plan a `generate` with the same flags gets: every
 /// kernel that run needs is compiled and tuned, and the kernel cache keeps them.
 pub fn warmup(args: WarmupArgs, quiet: bool) -> Result<()> {
@@ -223,7 +223,10 @@ pub fn warmup(args: WarmupArgs, quiet: bool) -> Result<()> {
         width: args.width,
         height: args.height,
         steps: 1,
-        layers: Some(1),
+        // T5's first block alone computes the relative position bias and the others reuse it,
+        // so their attention fuses into other kernels: with one block, a `generate` under bf16
+        // products (rehearsed on lavapipe) still tuned one of those. Two cover every block.
+        layers: Some(2),
         text_len: args.max_sequence_length,
         cfg: !args.no_cfg,
         weights: args.weights,

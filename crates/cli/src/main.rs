@@ -65,7 +65,7 @@ enum Command {
     /// use) and print its folder.
     Download(model::ModelArgs),
     /// Compile and tune the GPU kernels an image size needs, into the kernel cache, without a
-    /// checkpoint (one block of each model on random weights), so that the first `generate`
+    /// checkpoint (two blocks of each model on random weights), so that the first `generate`
     /// is as fast as the next ones.
     Warmup(Box<bench::WarmupArgs>),
 }
