@@ -30,6 +30,8 @@ use burn::tensor::{DType, Device, Shape, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::ops::numeric::full_client;
 use cubecl::ir::{ElemType, FloatKind};
+use cubek::matmul::strategy::Strategy;
+use std::sync::OnceLock;
 
 use crate::linear;
 
@@ -219,9 +221,11 @@ pub const PROBE_KERNELS: [&str; 2] = ["matmul_simple_cyclic_cmma", "matmul_simpl
 /// `x · weight_t` through the first of [`PROBE_KERNELS`] that launches; every kernel's setup
 /// error where none does.
 fn probe(x: burn_cubecl::tensor::CubeTensor, weight_t: burn_cubecl::tensor::CubeTensor) -> Result<burn_cubecl::tensor::CubeTensor, String> {
+    // Looked up once: a product of one row comes here on every call.
+    static KERNELS: OnceLock<Vec<&'static Strategy>> = OnceLock::new();
+    let kernels = KERNELS.get_or_init(|| PROBE_KERNELS.map(|name| crate::matmul_kernel::named(name).expect("a matmul candidate's name")).to_vec());
     let mut errors = Vec::new();
-    for name in PROBE_KERNELS {
-        let kernel = crate::matmul_kernel::named(name).expect("a matmul candidate's name");
+    for (name, kernel) in PROBE_KERNELS.iter().zip(kernels) {
         match crate::matmul_kernel::launch(kernel, x.clone(), weight_t.clone(), DType::F32) {
             Ok(y) => return Ok(y),
             Err(e) => errors.push(format!("{name}: {e:?}")),

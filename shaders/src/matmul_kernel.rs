@@ -169,7 +169,7 @@ pub(crate) fn launch(strategy: &Strategy, lhs: CubeTensor, rhs: CubeTensor, out_
 
 /// The candidate called `name` (see [`names`]).
 pub(crate) fn named(name: &str) -> Option<&'static Strategy> {
-    candidates().iter().find(|s| s.to_string() == name)
+    parse(name).ok().flatten().map(|i| &candidates()[i])
 }
 
 static FALLBACKS: AtomicUsize = AtomicUsize::new(0);
