@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check of the bf16 matrix-product path (Vulkan cooperative matrices), for a session that
 # has the GPU. Here first: ../shared/gpu/prepare.sh   then the device tool's run with carry [".gpu"],
-# timeout_s 570, command "bash tools/gpu_check.sh". About 7-9 minutes on a fresh H200.
+# timeout_s 570, command "bash tools/gpu_check.sh". About 8-9 minutes on a fresh H200 or H100.
 # Output: $OUT/log.txt and the bench JSON files.
 #  1. `cogview devices`: the adapter lists bf16 products, `auto` picks them and the self-test passes.
 #  2. Exactness on the tiny fixture: the same image under auto (bf16 products) and f32 on the GPU; the
@@ -16,7 +16,12 @@
 #     f32 run sample memory at every module output, for the peaks (each sample waits for the device,
 #     so their steps are a little slower than a generate's).
 #  4. The tiny fixture's image per process, cold and warm (issue 15: <= 3 s warm).
-#  5. Last, the tiny fixture without guidance under auto (single-row bf16 products): rc 0.
+#  5. The reference on this same card: diffusers' DiT in CUDA bf16 and f32, the same configuration
+#     (tools/bench_diffusers.py). The lent card may be an H100 rather than the H200 whose diffusers
+#     figures BENCHMARKS.md gives, and a ratio only means something on one card. SKIP_DIFFUSERS=1
+#     leaves it out. The summary divides: auto's warm median step by diffusers bf16's (issue 14:
+#     <= 2), f32's by diffusers f32's (<= 1.5).
+#  6. Last, the tiny fixture without guidance under auto (single-row bf16 products): rc 0.
 # If the first auto run stops at its timeout (a tuning candidate that never finishes, as f16 did on
 # the H200), the rest runs with COGVIEW_MATMUL_KERNEL=matmul_simple_cyclic_cmma (no matmul tuning).
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
@@ -57,6 +62,13 @@ for run in cold warm; do
   COGVIEW_KERNEL_CACHE=/tmp/kc_tiny python3 -c 'import subprocess, sys, time; s = time.time(); r = subprocess.run(sys.argv[1:]).returncode; print(f"rc {r}, {time.time() - s:.2f} s")' \
     timeout 90 $COGVIEW generate --model tests/fixtures/base/pipeline --prompt "$prompt" --steps 4 -W 64 -H 64 --seed 0 -o /tmp/tiny_$run.png --overwrite -q
 done
+if [ "${SKIP_DIFFUSERS:-0}" != 1 ]; then
+  for dt in bf16 f32; do
+    t "diffusers DiT, 30 blocks, 1024², CUDA $dt (the reference on this card)"
+    timeout 120 python3 tools/bench_diffusers.py --preset full --width 1024 --height 1024 --steps 3 \
+      --stages denoise --device cuda --dtype $dt --json > "$OUT/diffusers_$dt.json"; echo "rc $?"
+  done
+fi
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib
 for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
@@ -65,6 +77,12 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     r = d["report"]
     print(p.name, d.get("precision"), d.get("matmul"), d.get("attention"), d.get("matmul_kernel"), {k: round(r[k], 3) for k in ("first_step_seconds", "median_step_seconds") if r.get(k) is not None},
           "peak" if d.get("memory_samples") else "peak between steps", r.get("dit_peak"), "kernels compiled/tuned", r.get("dit_kernels"))
+def median(name):
+    try: return json.loads((pathlib.Path(sys.argv[1]) / f"{name}.json").read_text())["report"]["median_step_seconds"]
+    except Exception: return None
+for ours, ref, limit in (("dit_auto-warm", "diffusers_bf16", 2.0), ("dit_f32-peaks", "diffusers_f32", 1.5)):
+    a, b = median(ours), median(ref)
+    if a and b: print(f"{ours} / {ref}, median step: {a:.3f} s / {b:.3f} s = {a / b:.2f} (issue 14: <= {limit})")
 PY
 # Last, in whatever time is left: one image (batch of one) without guidance under auto, whose
 # modulation products have a single row (bf16_product runs those on the self-tested kernel, not
