@@ -93,11 +93,13 @@ fn named_matmul_kernels_on_lavapipe() {
 ///   lavapipe), so burn runs its accelerated flash kernel, as on a GPU's matrix hardware: with
 ///   the adapter's own tiles and with an H200's (16: heads padded 40 → 48, 70 queries → 128).
 ///   The attention self-test the precision policy runs must pass on both.
-/// - Older Mesa lists none (CI's bookworm-backports Mesa 25.0): burn runs its other kernels on
-///   the same f16 inputs, which checks the padding, the folded scale and v's divisor.
+/// - Older Mesa lists none (CI's bookworm-backports Mesa 25.0): exact f32 attention runs on the
+///   same f16-rounded inputs, which checks the padding, the folded scale and v's divisor.
 ///
 /// Either way the result must be within the f16 tiles' derived tolerance and really rounded
-/// (farther than f32 rounding: f16 inputs reached the kernel). The exact path
+/// (farther than f32 rounding: f16 inputs reached the kernel). Where the accelerated kernel
+/// cannot launch (older Mesa; unpadded inputs on newer Mesa), exact f32 attention must have run
+/// in its place, and the self-test must fail saying so. The exact path
 /// (`flash::exact_attention`, burn's unit kernel) is f32 on both.
 #[test]
 fn flash_attention_on_lavapipe() {
@@ -123,13 +125,21 @@ fn flash_attention_on_lavapipe() {
     let h200 = FlashTiles { head: 16, rows: 128 };
     let own = flash::tiles(&dev);
     println!("{}: f16 cooperative-matrix tiles {own:?}", adapter.name);
-    for tiles in own.into_iter().chain([h200]) {
+    // Unpadded (tiles of 1): 70 query rows are no multiple of a stage of lavapipe's tiles, so the
+    // accelerated kernel refuses them, and exact f32 attention must run in its place, not burn's
+    // fallback with its score matrix.
+    let refused = FlashTiles { head: 1, rows: 1 };
+    for tiles in own.into_iter().chain([h200, refused]) {
         let got = values(flash::attention(on(&q, &dev), on(&k, &dev), on(&v, &dev), tiles));
         let err = assert_close(&format!("flash on lavapipe, {tiles:?}"), &got, &want, F16_TILES_TOL);
         assert!(err > LAVAPIPE_ATTENTION_TOL, "{tiles:?}: error {err:.2e} is f32 rounding: the kernel did not get f16 inputs");
+        let launched = flash::launched(&dev, dims, dims, tiles);
+        assert_eq!(launched, Some(own.is_some() && tiles != refused), "{tiles:?}: whether the accelerated kernel launched");
         if own.is_some() {
             let report = cogview_runtime::selftest::run_flash(&dev, tiles);
-            assert!(report.passed, "the attention self-test on lavapipe's f16 tiles, {tiles:?}: {report:?}");
+            let launches = tiles != refused;
+            assert_eq!(report.passed, launches, "the attention self-test on lavapipe's f16 tiles, {tiles:?}: {report:?}");
+            assert_eq!(report.what.contains("cannot launch"), !launches, "{report:?}");
         }
     }
     // The exact f32 path (burn's unit flash kernel launched directly), whatever the group size

@@ -28,6 +28,10 @@
 //!   they are cast to f16 before it and the output (at most 1) back to f32. Given f32 inputs it
 //!   reports an invalid configuration too, and burn's quiet fallback would materialise the
 //!   scores after all.
+//! - **a shape the kernel still refuses** (tiles an adapter lists that the padding did not
+//!   foresee): burn's attention would run that same fallback without a word, so the first call
+//!   at each shape launches the kernel itself, and where it cannot, exact f32 attention runs
+//!   instead, with a warning ([`FlashTilesOps`]; the self-test then fails, see [`launched`]).
 //!
 //! f16 keeps 11 significant bits (bf16 8), so this is more exact than the bf16 linear products
 //! it runs beside. It is used only with those products ([`FlashTiles`] comes with the precision
@@ -40,16 +44,17 @@
 //! sum to one), which the emulation does not. The plain-burn reference is burn's `attention` on
 //! the unpadded f32 inputs, [`attention_reference`].
 
-use burn::backend::ops::FloatTensorOps;
+use burn::backend::ops::{FloatTensorOps, ModuleOps};
 use burn::backend::ops::attention::attention_fallback;
 use burn::backend::{Backend, Dispatch, backend_extension, tensor::FloatTensor};
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::{AttentionModuleOptions, PadMode};
-use burn::tensor::{DType, Device, Shape, Slice, Tensor};
-use burn_cubecl::CubeBackend;
+use burn::tensor::{DType, Device, FloatDType, Shape, Slice, Tensor};
+use burn_cubecl::{CubeBackend, CubeDevice};
 use burn_cubecl::kernel::attention::flash_attention;
 use cubecl::ir::{ElemType, FloatKind};
 use cubek::attention::forward::launch::{BlueprintStrategy, Strategy};
+use cubek::attention::forward::routines::blackbox_accelerated::BlackboxAcceleratedStrategy;
 
 /// The multiples [`attention`] pads to for one adapter's f16 cooperative matrices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -82,6 +87,16 @@ pub fn tiles(device: &Device) -> Option<FlashTiles> {
 /// - q, k, v: `[N, H, T, hd]` (f32) → `[N, H, T, hd]` (f32)
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, tiles: FlashTiles) -> Tensor<4> {
     padded(q, k, v, tiles, true)
+}
+
+/// Whether [`attention`] on `device` with these tiles ran burn's accelerated kernel for q and k
+/// of these shapes (`None`: not run there at these shapes yet, or not a CubeCL device). Where it
+/// did not, exact f32 attention ran in its place (see [`FlashTilesOps`]).
+pub fn launched(device: &Device, q: [usize; 4], k: [usize; 4], tiles: FlashTiles) -> Option<bool> {
+    let burn::backend::DispatchDevice::Cube(d) = device.as_dispatch() else { return None };
+    let hd = q[3].next_multiple_of(tiles.head);
+    let key = (d.clone(), vec![q[0], q[1], q[2].next_multiple_of(tiles.rows), hd], vec![k[0], k[1], k[2], hd]);
+    LAUNCHES.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied()
 }
 
 /// The plain-burn reference for [`attention`]: burn's attention on the unpadded inputs.
@@ -137,6 +152,54 @@ impl FlashUnitOps for CubeBackend {
     }
 }
 
+#[backend_extension(Cube, Fusion)]
+pub trait FlashTilesOps: Backend {
+    /// Flash attention with the default scale and no mask on f16 tiles (f16 in and out) where
+    /// burn's accelerated kernel launches at this shape, exact f32 attention where it does not.
+    #[fusion(dtype = burn::tensor::DType::F16, shape = Shape::new([q[0], q[1], q[2], v[3]]))]
+    fn flash_tiles(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// Whether burn's accelerated flash kernel launched, by device and q and k shapes.
+type Launches = std::collections::HashMap<(CubeDevice, Vec<usize>, Vec<usize>), bool>;
+static LAUNCHES: std::sync::LazyLock<std::sync::Mutex<Launches>> = std::sync::LazyLock::new(Default::default);
+
+impl FlashTilesOps for CubeBackend {
+    /// burn's attention tunes its accelerated kernel (2, 4 and 8 planes) but runs its fallback,
+    /// which materialises every head's scores (4.8 GB at 1024², past a 2 GiB binding), for
+    /// any configuration the kernel calls invalid, and says nothing. The padding is meant to
+    /// leave it none, but the tiles an adapter lists are not known here in advance. So the
+    /// first call at each shape launches the kernel itself (8 planes: the padded rows are a
+    /// multiple of 8 planes' stage, so 2 and 4 launch where 8 does) and keeps its output; later
+    /// calls go through burn's tuning where it launched, and to exact f32 attention (burn's
+    /// unit flash kernel, no score matrix either) where it did not, with a warning.
+    fn flash_tiles(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>) -> FloatTensor<Self> {
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
+        let key = (q.device.clone(), q.meta.shape().to_vec(), k.meta.shape().to_vec());
+        let known = LAUNCHES.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
+        let exact = |q, k, v| {
+            let f32 = |x| Self::float_cast(x, FloatDType::F32);
+            // Group 1: the unit kernel's own fallback, for an adapter without plane operations,
+            // which one with cooperative matrices does not lack.
+            Self::float_cast(Self::flash_unit(f32(q), f32(k), f32(v), 1), FloatDType::F16)
+        };
+        match known {
+            Some(true) => Self::attention(q, k, v, None, None, options),
+            Some(false) => exact(q, k, v),
+            None => {
+                let planes = BlackboxAcceleratedStrategy { num_planes: 8, seq_q: 1, seq_kv: 1 };
+                let strategy = Strategy::BlackboxAccelerated(BlueprintStrategy::Inferred(planes));
+                let launched = flash_attention(q.clone(), k.clone(), v.clone(), None, None, options, strategy);
+                LAUNCHES.lock().unwrap_or_else(|e| e.into_inner()).insert(key, launched.is_ok());
+                launched.unwrap_or_else(|e| {
+                    tracing::warn!("attention on f16 tiles cannot launch at q {:?}, k {:?} ({e:?}): exact f32 attention instead", q.meta.shape(), k.meta.shape());
+                    exact(q, k, v)
+                })
+            }
+        }
+    }
+}
+
 /// [`attention`], with the emulation's f16 rounding on burn's CPU backend when `round` (tests
 /// turn it off to check the padding alone, which must then be exact).
 fn padded(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, tiles: FlashTiles, round: bool) -> Tensor<4> {
@@ -159,8 +222,8 @@ fn padded(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, tiles: FlashTiles, round: bo
         // silently runs its fallback, which materialises every head's scores (seen on lavapipe
         // with Mesa 26's cooperative matrices).
         _ => {
-            let f16 = |x: Tensor<4>| x.cast(DType::F16);
-            attention_reference(f16(q), f16(k), f16(v)).cast(DType::F32)
+            let f16 = |x: Tensor<4>| x.cast(DType::F16).into_dispatch();
+            Tensor::<4>::from_dispatch(Dispatch::flash_tiles(f16(q), f16(k), f16(v))).cast(DType::F32)
         }
     };
     o.slice([0..n, 0..h, 0..t, 0..hd]) * v_max

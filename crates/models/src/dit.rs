@@ -261,7 +261,8 @@ fn clip_f16(x: Tensor<3>) -> Tensor<3> {
 ///
 /// With `flash` (the adapter's f16 cooperative-matrix tiles, given with bf16 matrix products),
 /// attention is burn's accelerated flash kernel on a padded problem
-/// (`cogview_shaders::flash`): one call, no score matrix, no head groups.
+/// (`cogview_shaders::flash`): one call, no score matrix, no head groups (exact f32 flash at a
+/// shape that kernel refuses).
 ///
 /// Otherwise attention is exact f32 flash, with no score matrix either: cogview's kernel on the
 /// CPU backend, burn's unit flash kernel on a GPU (`cogview_shaders::flash::exact_attention`,

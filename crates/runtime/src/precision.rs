@@ -265,8 +265,9 @@ pub fn decide_on_device(
         let report = selftest::run_flash(device, tiles);
         if !report.passed {
             decision.warnings.push(format!(
-                "{} claims f16 cooperative matrices but failed the attention self-test (error {:.3e} > {:.1e}): exact f32 attention",
+                "{} claims f16 cooperative matrices but failed the attention self-test, {} (error {:.3e} > {:.1e}): exact f32 attention",
                 adapter.label(),
+                report.what,
                 report.error,
                 report.tolerance
             ));

@@ -189,6 +189,12 @@ pub fn run_flash(device: &Device, tiles: FlashTiles) -> SelfTestReport {
     let got = cogview_shaders::flash::attention(tensor(q), tensor(k), tensor(v), tiles);
     let got: Vec<f64> = got.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default().into_iter().map(f64::from).collect();
     let error = max_error(&got, &want, largest(&want));
+    // Where the accelerated kernel cannot launch on these tiles, exact f32 attention gave the
+    // values: right, but not a test of the tiles, which the model should then not be told to use.
+    if cogview_shaders::flash::launched(device, [1, h, t, d], [1, h, t, d], tiles) == Some(false) {
+        let what = "attention on f16 tiles with f32 sums (burn's accelerated kernel cannot launch on them)";
+        return SelfTestReport::judge(ComputeDtype::F16, what, f64::INFINITY, FLASH_TOLERANCE);
+    }
     SelfTestReport::judge(ComputeDtype::F16, "attention on f16 tiles with f32 sums", error, FLASH_TOLERANCE)
 }
 
