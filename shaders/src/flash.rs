@@ -189,10 +189,18 @@ impl FlashTilesOps for CubeBackend {
             None => {
                 let planes = BlackboxAcceleratedStrategy { num_planes: 8, seq_q: 1, seq_kv: 1 };
                 let strategy = Strategy::BlackboxAccelerated(BlueprintStrategy::Inferred(planes));
-                let launched = flash_attention(q.clone(), k.clone(), v.clone(), None, None, options, strategy);
+                // A launch is queued, not run: a driver that refuses the kernel's pipeline fails
+                // it later, at the first read of its output. So one element is read back here
+                // (a wait for the device, once per shape).
+                let launched = flash_attention(q.clone(), k.clone(), v.clone(), None, None, options, strategy)
+                    .map_err(|e| format!("{e:?}"))
+                    .and_then(|o| {
+                        let first = Self::float_slice(o.clone(), &[Slice::from(0..1); 4]);
+                        burn::tensor::read_sync(Self::float_into_data(first)).map(|_| o).map_err(|e| format!("{e:?}"))
+                    });
                 LAUNCHES.lock().unwrap_or_else(|e| e.into_inner()).insert(key, launched.is_ok());
                 launched.unwrap_or_else(|e| {
-                    tracing::warn!("attention on f16 tiles cannot launch at q {:?}, k {:?} ({e:?}): exact f32 attention instead", q.meta.shape(), k.meta.shape());
+                    tracing::warn!("attention on f16 tiles cannot run at q {:?}, k {:?} ({e}): exact f32 attention instead", q.meta.shape(), k.meta.shape());
                     exact(q, k, v)
                 })
             }
