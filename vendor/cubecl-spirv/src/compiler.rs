@@ -3,7 +3,7 @@ use crate::{
     lower::LowerOpsSpirvPass,
     ops::{
         branch::BranchToSpirvConversionPass,
-        builtin::{BUILTINS_NAME, LowerBuiltinsPass},
+        builtin::{BUILTIN_PREFIX, LowerBuiltinsPass},
         memory::lower_shared,
         to_spirv_dialect::ToSpirvDialectPass,
     },
@@ -68,7 +68,7 @@ use pliron_spirv::{
     PlironBuilder, ToSpirvOp,
     attrs::VerCapExtAttr,
     decorations::{DecoratableOp, set_decoration_uniform, set_decoration_uniform_id},
-    ops::{EntryPointOp, ExecutionModeOp, SpirvModuleOp},
+    ops::{EntryPointOp, ExecutionModeOp, GlobalVariableOp, SpirvModuleOp},
 };
 use rspirv::{
     binary::Assemble,
@@ -361,17 +361,26 @@ fn insert_spirv_module(ctx: &mut Context, module: ModuleOp) -> SpirvModuleOp {
 
 fn declare_entry_point(ctx: &mut Context, module: SpirvModuleOp, shared_args: Vec<Identifier>) {
     let op = module.get_operation();
+    // cogview: the builtins' Input variables (one per builtin read, see `LowerBuiltinsPass`).
+    let mut builtins = vec![];
+    visit_all_ops_of_type_mut::<GlobalVariableOp, _>(ctx, &mut builtins, op, |ctx, builtins, var| {
+        let name = var.get_symbol_name(ctx);
+        if name.as_ref().starts_with(BUILTIN_PREFIX) {
+            builtins.push(name);
+        }
+    });
     visit_all_ops_of_type_mut::<FuncOp, _>(
         ctx,
-        &mut (module, shared_args),
+        &mut (module, shared_args, builtins),
         op,
-        |ctx, (module, shared_args), func| {
+        |ctx, (module, shared_args, builtins), func| {
             let Some(entry) = func.get_entrypoint_abi(ctx) else {
                 return;
             };
             let block = module.get_body(ctx, 0);
             let func_name = func.get_symbol_name(ctx);
-            let mut interface = vec![PARAMS_NAME.clone(), BUILTINS_NAME.clone()];
+            let mut interface = vec![PARAMS_NAME.clone()];
+            interface.extend(builtins.clone());
             interface.extend(shared_args.clone());
             let entry_point = EntryPointOp::new(
                 ctx,

@@ -7,17 +7,16 @@ use cubecl_ir::{
         OperationPtrExt, PassResult, Ptr, Result, Rewriter, SingleBlockRegionInterface, pass_name,
     },
     rewrite::visit_all_ops_of_type_mut,
-    types::scalar::PoisonType,
 };
 use cubecl_opt::passes::uniformity::{DEVICE_UNIFORM, UniformAttr, op_dyn_uniformity};
 use hashbrown::HashMap;
 use pliron::{
+    identifier::Identifier,
     builtin::{
         attributes::IntegerAttr,
         ops::{ConstantOp, FuncOp, ModuleOp},
         types::{IntegerType, Signedness},
     },
-    dict_key,
     irbuild::match_rewrite::apply_match_rewrite,
     op::Op,
     pass::Pass,
@@ -27,16 +26,27 @@ use pliron::{
 };
 use pliron_spirv::{
     attrs::BuiltInAttr,
-    decorations::DecorationInfo,
+    decorations::DecoratableOp,
     ops::{AddressOfOp, GlobalVariableOp, InBoundsAccessChainOp, LoadOp},
-    types::{MemberDecorationInfo, PointerType, StructType, VectorType},
+    types::{PointerType, VectorType},
 };
-use rspirv::spirv::{BuiltIn, Decoration, MemoryAccess, StorageClass};
+use rspirv::spirv::{BuiltIn, MemoryAccess, StorageClass};
 
 use crate::{KernelInfo, decorate_uniform};
 
-dict_key!(BUILTINS_NAME, "_spirv_builtins");
+/// cogview: the prefix of the Input variable that holds each builtin a kernel reads.
+pub(crate) const BUILTIN_PREFIX: &str = "_spirv_builtin_";
 
+fn builtin_name(builtin: BuiltIn) -> Identifier {
+    format!("{BUILTIN_PREFIX}{builtin:?}").try_into().expect("a builtin's name is an identifier")
+}
+
+/// Lowers builtin reads to loads from Input variables decorated `BuiltIn`, one per builtin.
+///
+/// cogview: the release gathered every builtin into the members of one Input `Block` struct.
+/// `spirv-val` rejects that for `SubgroupLocalInvocationId` ("cannot be used as a member
+/// decoration"), which burn's accelerated flash-attention kernel reads; Vulkan shaders declare
+/// compute builtins as variables of their own, as glslang writes them.
 pub struct LowerBuiltinsPass;
 
 #[pass_name]
@@ -51,61 +61,27 @@ impl Pass for LowerBuiltinsPass {
         let module = op.as_op::<ModuleOp>(ctx).expect("Should run on module");
         let module = module.get_body(ctx, 0);
 
-        let mut offsets = HashMap::new();
+        let mut used = HashMap::new();
 
         let mut funcs = vec![];
-
-        visit_all_ops_of_type_mut::<FuncOp, _>(ctx, &mut funcs, op, |ctx, funcs, func| {
-            let entry = func.get_entry_block(ctx);
-            let dummy_ty = PoisonType::get(ctx).to_handle();
-            let tmp_builtins = AddressOfOp::new(ctx, dummy_ty, BUILTINS_NAME.clone());
-            tmp_builtins.get_operation().insert_at_front(entry, ctx);
-            funcs.push((func, tmp_builtins.get_result(ctx)))
+        visit_all_ops_of_type_mut::<FuncOp, _>(ctx, &mut funcs, op, |_, funcs, func| {
+            funcs.push(func)
         });
 
-        for (func, struct_val) in funcs.iter().copied() {
+        for func in funcs {
             let op = func.get_operation();
-            let mut rewriter = RewriteBuiltins {
-                struct_val,
-                offsets: &mut offsets,
-            };
+            let mut rewriter = RewriteBuiltins { used: &mut used };
             res.ir_changed |= apply_match_rewrite(ctx, &mut rewriter, Default::default(), op)?;
         }
 
-        if offsets.is_empty() {
-            // Just keep builtins struct around with a dummy builtin to make entrypoint logic simpler
-            offsets.insert(BuiltIn::LocalInvocationIndex, 0);
-        }
-
-        let mut used_builtins = offsets.into_iter().collect::<Vec<_>>();
-        used_builtins.sort_by_key(|(_, offset)| *offset);
-
-        let mut field_types = vec![];
-        let mut member_dec = vec![];
-        let type_dec = vec![DecorationInfo::unit(Decoration::Block)];
-
-        for (builtin, id) in used_builtins {
-            let decoration =
-                DecorationInfo::new(Decoration::BuiltIn, Box::new(BuiltInAttr::new(builtin)));
-            field_types.push(builtin_ty(ctx, builtin));
-            member_dec.push(MemberDecorationInfo::new(id, decoration));
-        }
-
-        let builtins_struct =
-            StructType::get(ctx, field_types, vec![], member_dec, type_dec).into();
-        let builtins_struct_ptr =
-            PointerType::get(ctx, builtins_struct, StorageClass::Input).into();
-        let builtins_var = GlobalVariableOp::new(
-            ctx,
-            builtins_struct,
-            StorageClass::Input,
-            BUILTINS_NAME.clone(),
-            None,
-        );
-        builtins_var.get_operation().insert_at_front(module, ctx);
-
-        for (_, struct_val) in funcs.iter() {
-            struct_val.set_type(ctx, builtins_struct_ptr);
+        let mut used = used.into_keys().collect::<Vec<_>>();
+        used.sort_by_key(|builtin| *builtin as u32);
+        for builtin in used {
+            let ty = builtin_ty(ctx, builtin);
+            let var =
+                GlobalVariableOp::new(ctx, ty, StorageClass::Input, builtin_name(builtin), None);
+            var.set_decoration_built_in(ctx, BuiltInAttr::new(builtin));
+            var.get_operation().insert_at_front(module, ctx);
         }
 
         Ok(res)
@@ -129,20 +105,17 @@ fn builtin_ty(ctx: &Context, builtin: BuiltIn) -> TypeHandle {
 }
 
 struct RewriteBuiltins<'a> {
-    struct_val: Value,
-    offsets: &'a mut HashMap<BuiltIn, u32>,
+    used: &'a mut HashMap<BuiltIn, ()>,
 }
 
 impl RewriteBuiltins<'_> {
-    fn get_offset(&mut self, scope: &Scope, builtin: BuiltIn) -> Value {
-        let value = if let Some(&existing) = self.offsets.get(&builtin) {
-            existing
-        } else {
-            let offset = self.offsets.len() as u32;
-            self.offsets.insert(builtin, offset);
-            offset
-        };
-        const_int32(scope, value)
+    /// The address of `builtin`'s Input variable.
+    fn address(&mut self, scope: &Scope, builtin: BuiltIn) -> Value {
+        self.used.insert(builtin, ());
+        let ctx = scope.ctx_mut();
+        let ptr_ty = PointerType::get(ctx, builtin_ty(ctx, builtin), StorageClass::Input).to_handle();
+        let address = AddressOfOp::new(ctx, ptr_ty, builtin_name(builtin));
+        scope.register_with_result(&address)
     }
 }
 
@@ -279,13 +252,9 @@ impl RewriteBuiltins<'_> {
         builtin: BuiltIn,
         uniformity: Option<UniformAttr>,
     ) -> Value {
+        let address = self.address(scope, builtin);
         let ctx = scope.ctx_mut();
-        let offset = self.get_offset(scope, builtin);
-        let ptr_ty = PointerType::get(ctx, ty, StorageClass::Input).to_handle();
-        let access_chain = InBoundsAccessChainOp::new(ctx, ptr_ty, self.struct_val, vec![offset]);
-        decorate_uniform(ctx, access_chain.get_operation(), Some(DEVICE_UNIFORM));
-        let offset_ptr = scope.register_with_result(&access_chain);
-        let load = LoadOp::new(ctx, ty, offset_ptr, MemoryAccess::NONE, None);
+        let load = LoadOp::new(ctx, ty, address, MemoryAccess::NONE, None);
         decorate_uniform(ctx, load.get_operation(), uniformity);
         scope.register_with_result(&load)
     }
@@ -298,13 +267,12 @@ impl RewriteBuiltins<'_> {
         dim: u32,
         uniformity: Option<UniformAttr>,
     ) -> Value {
-        let ctx = scope.ctx_mut();
-        let offset = self.get_offset(scope, builtin);
+        let address = self.address(scope, builtin);
         let dim_const = const_int32(scope, dim);
 
+        let ctx = scope.ctx_mut();
         let ptr_ty = PointerType::get(ctx, ty, StorageClass::Input).to_handle();
-        let access_chain =
-            InBoundsAccessChainOp::new(ctx, ptr_ty, self.struct_val, vec![offset, dim_const]);
+        let access_chain = InBoundsAccessChainOp::new(ctx, ptr_ty, address, vec![dim_const]);
         decorate_uniform(ctx, access_chain.get_operation(), Some(DEVICE_UNIFORM));
         let offset_ptr = scope.register_with_result(&access_chain);
         let load = LoadOp::new(ctx, ty, offset_ptr, MemoryAccess::NONE, None);
