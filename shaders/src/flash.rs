@@ -65,6 +65,13 @@ pub struct FlashTiles {
     pub rows: usize,
 }
 
+impl FlashTiles {
+    /// `(head size, queries)` that `t` queries of head size `hd` are padded to.
+    fn padded(&self, t: usize, hd: usize) -> (usize, usize) {
+        (hd.next_multiple_of(self.head), t.next_multiple_of(self.rows))
+    }
+}
+
 /// The tiles of `device`'s f16 × f16 → f32 cooperative-matrix configurations, the ones burn's
 /// accelerated flash attention needs; `None` where the driver lists none (and always on burn's
 /// CPU backend).
@@ -94,8 +101,9 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, tiles: FlashTiles) ->
 /// did not, exact f32 attention ran in its place (see [`FlashTilesOps`]).
 pub fn launched(device: &Device, q: [usize; 4], k: [usize; 4], tiles: FlashTiles) -> Option<bool> {
     let burn::backend::DispatchDevice::Cube(d) = device.as_dispatch() else { return None };
-    let hd = q[3].next_multiple_of(tiles.head);
-    let key = (d.clone(), vec![q[0], q[1], q[2].next_multiple_of(tiles.rows), hd], vec![k[0], k[1], k[2], hd]);
+    let [n, h, t, hd] = q;
+    let (hd_pad, t_pad) = tiles.padded(t, hd);
+    let key = (d.clone(), vec![n, h, t_pad, hd_pad], vec![k[0], k[1], k[2], hd_pad]);
     LAUNCHES.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied()
 }
 
@@ -212,7 +220,7 @@ impl FlashTilesOps for CubeBackend {
 /// turn it off to check the padding alone, which must then be exact).
 fn padded(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, tiles: FlashTiles, round: bool) -> Tensor<4> {
     let [n, h, t, hd] = q.dims();
-    let (hd_pad, t_pad) = (hd.next_multiple_of(tiles.head), t.next_multiple_of(tiles.rows));
+    let (hd_pad, t_pad) = tiles.padded(t, hd);
     // Zero rows up to `rows`, zero columns up to `hd_pad`.
     let pad = |x: Tensor<4>, rows: usize| x.pad([(0, rows - t), (0, hd_pad - hd)], PadMode::Constant(0.0));
     // The divisor of v: its largest magnitude (f32's smallest normal for an all-zero v).

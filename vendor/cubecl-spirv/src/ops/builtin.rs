@@ -9,7 +9,7 @@ use cubecl_ir::{
     rewrite::visit_all_ops_of_type_mut,
 };
 use cubecl_opt::passes::uniformity::{DEVICE_UNIFORM, UniformAttr, op_dyn_uniformity};
-use hashbrown::HashMap;
+use hashbrown::HashSet;
 use pliron::{
     identifier::Identifier,
     builtin::{
@@ -61,7 +61,7 @@ impl Pass for LowerBuiltinsPass {
         let module = op.as_op::<ModuleOp>(ctx).expect("Should run on module");
         let module = module.get_body(ctx, 0);
 
-        let mut used = HashMap::new();
+        let mut used = HashSet::new();
 
         let mut funcs = vec![];
         visit_all_ops_of_type_mut::<FuncOp, _>(ctx, &mut funcs, op, |_, funcs, func| {
@@ -74,7 +74,7 @@ impl Pass for LowerBuiltinsPass {
             res.ir_changed |= apply_match_rewrite(ctx, &mut rewriter, Default::default(), op)?;
         }
 
-        let mut used = used.into_keys().collect::<Vec<_>>();
+        let mut used = used.into_iter().collect::<Vec<_>>();
         used.sort_by_key(|builtin| *builtin as u32);
         for builtin in used {
             let ty = builtin_ty(ctx, builtin);
@@ -105,13 +105,13 @@ fn builtin_ty(ctx: &Context, builtin: BuiltIn) -> TypeHandle {
 }
 
 struct RewriteBuiltins<'a> {
-    used: &'a mut HashMap<BuiltIn, ()>,
+    used: &'a mut HashSet<BuiltIn>,
 }
 
 impl RewriteBuiltins<'_> {
     /// The address of `builtin`'s Input variable.
     fn address(&mut self, scope: &Scope, builtin: BuiltIn) -> Value {
-        self.used.insert(builtin, ());
+        self.used.insert(builtin);
         let ctx = scope.ctx_mut();
         let ptr_ty = PointerType::get(ctx, builtin_ty(ctx, builtin), StorageClass::Input).to_handle();
         let address = AddressOfOp::new(ctx, ptr_ty, builtin_name(builtin));
