@@ -100,10 +100,11 @@ fn named_matmul_kernels_on_lavapipe() {
 /// (farther than f32 rounding: f16 inputs reached the kernel). Where the accelerated kernel
 /// cannot launch (older Mesa; unpadded inputs on newer Mesa), exact f32 attention must have run
 /// in its place, and the self-test must fail saying so. The exact path
-/// (`flash::exact_attention`, burn's unit kernel) is f32 on both.
+/// (`flash::exact_attention`: burn's unit kernel, burn's fallback in head groups, or whichever
+/// of them autotune finds faster) is f32 on both.
 #[test]
 fn flash_attention_on_lavapipe() {
-    use cogview_shaders::flash::{self, F16_TILES_TOL};
+    use cogview_shaders::flash::{self, ExactKernel, F16_TILES_TOL};
     let (adapter, dev) = lavapipe();
     let dims = [1, 2, 70, 40];
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
@@ -142,11 +143,22 @@ fn flash_attention_on_lavapipe() {
             assert_eq!(report.what.contains("cannot launch"), !launches, "{report:?}");
         }
     }
-    // The exact f32 path (burn's unit flash kernel launched directly), whatever the group size
-    // its fallback would use.
+    // The exact f32 path: burn's unit flash kernel launched directly, burn's fallback in head
+    // groups, and the one of them autotune finds faster, which it then names (and not before).
     for group in [1, 2] {
-        let got = values(flash::exact_attention(on(&q, &dev), on(&k, &dev), on(&v, &dev), group));
-        assert_close("exact flash on lavapipe", &got, &want, LAVAPIPE_ATTENTION_TOL);
+        for kernel in [ExactKernel::Unit, ExactKernel::Groups, ExactKernel::Tuned] {
+            let tuned = || flash::exact_kernel(&dev, dims, dims, group);
+            if kernel == ExactKernel::Tuned {
+                assert_eq!(tuned(), None, "group {group}: nothing tuned at this shape yet");
+            }
+            let got = values(flash::exact_attention(on(&q, &dev), on(&k, &dev), on(&v, &dev), group, kernel));
+            assert_close(&format!("exact attention on lavapipe, {kernel:?}, groups of {group}"), &got, &want, LAVAPIPE_ATTENTION_TOL);
+            if kernel == ExactKernel::Tuned {
+                let chosen = tuned();
+                println!("exact attention, groups of {group}: autotune chose {chosen:?}");
+                assert!(matches!(chosen, Some(ExactKernel::Unit | ExactKernel::Groups)), "group {group}: {chosen:?}");
+            }
+        }
     }
 }
 

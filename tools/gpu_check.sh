@@ -7,8 +7,9 @@
 #  2. Exactness on the tiny fixture: the same image under auto (bf16 products) and f32 on the GPU; the
 #     step latents must agree within the bf16 transformer's tolerance (5e-2 of their scale).
 #  3. The DiT at 1024², 30 blocks, guidance: auto (bf16 products, and attention on f16 tiles where
-#     `devices` says so: one flash call a block, no head groups) and --precision f32 (exact f32 flash,
-#     burn's unit kernel launched directly), each with its
+#     `devices` says so: one flash call a block, no head groups) and --precision f32 (exact f32
+#     attention: burn's unit flash kernel or head groups, whichever autotune finds faster there;
+#     the JSON's dit_exact_attention names it), each with its
 #     first step, median step and peak memory (compare with BENCHMARKS.md's diffusers CUDA figures).
 #     Every process uses the kernel cache in /tmp/kc. The first two auto runs step as a generate does
 #     (--no-memory-samples): the first is cold (compiles and tunes), the second warm (issue 15: first
@@ -76,7 +77,8 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     except Exception: print(p.name, "(no JSON)"); continue
     r = d["report"]
     print(p.name, d.get("precision"), d.get("matmul"), d.get("attention"), d.get("matmul_kernel"), {k: round(r[k], 3) for k in ("first_step_seconds", "median_step_seconds") if r.get(k) is not None},
-          "peak" if d.get("memory_samples") else "peak between steps", r.get("dit_peak"), "kernels compiled/tuned", r.get("dit_kernels"))
+          "peak" if d.get("memory_samples") else "peak between steps", r.get("dit_peak"), "kernels compiled/tuned", r.get("dit_kernels"),
+          "exact attention", r.get("dit_exact_attention"))
 def median(name):
     try: return json.loads((pathlib.Path(sys.argv[1]) / f"{name}.json").read_text())["report"]["median_step_seconds"]
     except Exception: return None

@@ -14,7 +14,8 @@
 #                 COGVIEW_MATMUL_KERNEL=matmul_simple_cyclic_cmma (for instance) it tunes no
 #                 matrix product, to tell a stalling candidate from slow compiling. About 3.5 minutes.
 #   attention     flash against burn's head groups on a 10-block DiT at 1024², warm, under auto
-#                 (f16 tiles against groups) and f32 (unit flash against groups). About 2 minutes.
+#                 (f16 tiles against groups) and f32 (the exact kernel autotune chose, unit flash
+#                 or head groups, against burn's attention in groups). About 2 minutes.
 #   samples       the same 10-block DiT under auto, with bench's memory samples (a device wait at
 #                 every module output, which also ends fused kernels there) and without
 #                 (--no-memory-samples: the steps as a generate runs them). About 2 minutes.
@@ -56,7 +57,7 @@ for part in ${@:-text decode f16 attention}; do
         for a in auto grouped; do
           t "DiT 10 blocks, --precision $p --attention $a"
           timeout 120 $COGVIEW bench --preset full --width 1024 --height 1024 --steps 3 --layers 10 --stages denoise --precision $p --attention $a --json > /tmp/ab.json; echo "rc $?"
-          python3 -c 'import json; d = json.load(open("/tmp/ab.json")); r = d["report"]; print(d["attention"], "first", round(r["first_step_seconds"], 3), "median", round(r["median_step_seconds"], 3), "peak", r["dit_peak"])' || true
+          python3 -c 'import json; d = json.load(open("/tmp/ab.json")); r = d["report"]; print(d["attention"], r.get("dit_exact_attention"), "first", round(r["first_step_seconds"], 3), "median", round(r["median_step_seconds"], 3), "peak", r["dit_peak"])' || true
         done
       done ;;
     samples)

@@ -36,7 +36,8 @@
 //! f16 keeps 11 significant bits (bf16 8), so this is more exact than the bf16 linear products
 //! it runs beside. It is used only with those products ([`FlashTiles`] comes with the precision
 //! decision); the f32 path keeps exact f32 attention, [`exact_attention`]: burn's unit flash
-//! kernel, which has no matrix hardware but no score matrix either.
+//! kernel, which has no matrix hardware but no score matrix either, or burn's attention in head
+//! groups, whichever CubeCL's autotune finds faster on the adapter.
 //!
 //! On burn's CPU backend the same numbers are emulated: the padded, scaled q, k and v rounded to
 //! f16, then the exact-softmax kernel of [`crate::attention`] in f32, its output rounded to f16.
@@ -50,7 +51,10 @@ use burn::backend::{Backend, Dispatch, backend_extension, tensor::FloatTensor};
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::{AttentionModuleOptions, PadMode};
 use burn::tensor::{DType, Device, FloatDType, Shape, Slice, Tensor};
-use burn_cubecl::{CubeBackend, CubeDevice};
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{CubeBackend, CubeDevice, CubeTuneId};
+use cubecl::AutotuneKey;
+use cubecl::tune::{LocalTuner, Tunable, TunableSet, TuneGroup, local_tuner};
 use burn_cubecl::kernel::attention::flash_attention;
 use cubecl::ir::{ElemType, FloatKind};
 use cubek::attention::forward::launch::{BlueprintStrategy, Strategy};
@@ -115,47 +119,142 @@ pub fn attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4
     burn_attention(q, k, v, None, None, AttentionModuleOptions { scale: None, softcap: None, is_causal: false })
 }
 
-/// `softmax(q kᵀ / √hd) v` in exact f32 without the score matrix on a GPU: burn's unit flash
-/// kernel (f32 registers and sums, no matrix hardware), launched directly. burn's own attention
-/// tries its accelerated kernel first on an adapter with f16 cooperative matrices, which at head
-/// size 40 cannot launch and silently degrades to the fallback that materialises every head's
-/// scores at once. Where the unit kernel cannot launch either (no plane operations), that
-/// fallback runs here in groups of `group` heads, each group's scores within the caller's
-/// budget. For CubeCL devices only (burn's CPU backend has `crate::attention`).
+/// Which kernel [`exact_attention`] runs. Both are exact f32 with no `[N, H, T, T]` score
+/// matrix in one call; which is faster depends on the adapter: burn's unit flash kernel has no
+/// score matrix at all but gives each unit eight query rows of 40 in registers and multiplies
+/// without matrix hardware, while the head groups run burn's tuned matrix products and write
+/// one group's scores (within the caller's budget) to memory and read them back twice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum ExactKernel {
+    /// The faster of the other two for this shape on this adapter: CubeCL's autotune times
+    /// both once and keeps its choice with the other tuning results (the kernel cache), so
+    /// a later process does not time them again.
+    #[serde(rename = "tuned")]
+    Tuned,
+    /// burn's unit flash kernel; the head groups where it cannot launch (no plane operations).
+    #[serde(rename = "unit_flash")]
+    Unit,
+    /// burn's attention fallback, `group` heads a call.
+    #[serde(rename = "head_groups")]
+    Groups,
+}
+
+impl std::fmt::Display for ExactKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The candidates' names in the tuning results: a renamed candidate is tuned again.
+        f.write_str(match self {
+            ExactKernel::Tuned => "tuned",
+            ExactKernel::Unit => "unit_flash",
+            ExactKernel::Groups => "head_groups",
+        })
+    }
+}
+
+/// `softmax(q kᵀ / √hd) v` in exact f32 without the whole score matrix on a GPU, by `kernel`
+/// ([`ExactKernel`]): burn's unit flash kernel (f32 registers and sums, no matrix hardware),
+/// launched directly, or burn's attention fallback in groups of `group` heads, each group's
+/// scores within the caller's budget; the model asks for the faster of the two. burn's own
+/// attention would try its accelerated kernel first on an adapter with f16 cooperative
+/// matrices, which at head size 40 cannot launch and silently degrades to the fallback on
+/// every head's scores at once. For CubeCL devices only (burn's CPU backend has
+/// `crate::attention`).
 ///
 /// # Shapes
 /// - q, k, v: `[N, H, T, hd]` (f32) → `[N, H, T, hd]` (f32)
-pub fn exact_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, group: usize) -> Tensor<4> {
-    Tensor::from_dispatch(Dispatch::flash_unit(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), group.max(1)))
+pub fn exact_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, group: usize, kernel: ExactKernel) -> Tensor<4> {
+    Tensor::from_dispatch(Dispatch::exact_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), group.max(1), kernel))
 }
+
+/// The kernel [`ExactKernel::Tuned`] runs on `device` for q and k of these shapes and this
+/// group size: `None` until it has run there at such shapes (or on a device that is not
+/// CubeCL's).
+pub fn exact_kernel(device: &Device, q: [usize; 4], k: [usize; 4], group: usize) -> Option<ExactKernel> {
+    let burn::backend::DispatchDevice::Cube(d) = device.as_dispatch() else { return None };
+    let client = d.client();
+    let id = CubeTuneId::new(&client, d);
+    let key = ExactAttentionKey::new(q[0] * q[1], q[2], k[2], q[3], group.max(1));
+    EXACT_TUNER.fastest_identity(&id, &EXACT_TUNER.init(&id, exact_candidates), &key)
+}
+
+/// The shapes the choice of [`ExactKernel::Tuned`] is kept for: counts to the nearest power
+/// of two (a new image size rarely needs a new timing), head size and group exact.
+#[derive(Hash, Eq, PartialEq, Debug, Clone, serde::Serialize, serde::Deserialize, AutotuneKey)]
+pub struct ExactAttentionKey {
+    /// Images × heads.
+    #[autotune(anchor)]
+    batches: usize,
+    #[autotune(anchor)]
+    queries: usize,
+    #[autotune(anchor)]
+    keys: usize,
+    head_dim: usize,
+    group: usize,
+}
+
+/// q, k, v and the group size.
+type ExactInputs = (CubeTensor, CubeTensor, CubeTensor, usize);
+
+static EXACT_TUNER: LocalTuner<ExactAttentionKey, CubeTuneId> = local_tuner!();
+
+/// [`ExactKernel::Tuned`]'s candidates, both timed for every key (one group, one priority).
+/// The head groups come first: they launch everywhere.
+fn exact_candidates() -> TunableSet<ExactAttentionKey, ExactInputs, CubeTensor, ExactKernel> {
+    let key = |(q, k, _, group): &ExactInputs| {
+        let (q, k) = (q.meta.shape(), k.meta.shape());
+        ExactAttentionKey::new(q[0] * q[1], q[2], k[2], q[3], *group)
+    };
+    let both = TuneGroup::<ExactAttentionKey>::new("exact_attention", |_| 1);
+    TunableSet::new_cloning_inputs(key)
+        .with(Tunable::identified(ExactKernel::Groups, |(q, k, v, group)| Ok::<_, String>(head_groups(q, k, v, group))).group(&both, |_| 1))
+        .with(Tunable::identified(ExactKernel::Unit, |(q, k, v, _)| unit_flash(q, k, v)).group(&both, |_| 1))
+}
+
+/// burn's unit flash kernel, or why it cannot launch.
+fn unit_flash(q: CubeTensor, k: CubeTensor, v: CubeTensor) -> Result<CubeTensor, String> {
+    let unit = Strategy::Unit(BlueprintStrategy::Inferred(()));
+    flash_attention(q, k, v, None, None, OPTIONS, unit).map_err(|e| format!("{e:?}"))
+}
+
+/// burn's attention fallback (scores, softmax, product) on `group` heads a call.
+fn head_groups(q: CubeTensor, k: CubeTensor, v: CubeTensor, group: usize) -> CubeTensor {
+    type B = CubeBackend;
+    let heads = q.meta.shape()[1];
+    let parts = (0..heads)
+        .step_by(group)
+        .map(|start| {
+            let heads = Slice::from(start..(start + group).min(heads));
+            let cut = |t: &CubeTensor| B::float_slice(t.clone(), &[Slice::from(..), heads, Slice::from(..), Slice::from(..)]);
+            attention_fallback::<B>(cut(&q), cut(&k), cut(&v), None, None, OPTIONS)
+        })
+        .collect();
+    B::float_cat(parts, 1)
+}
+
+/// The default scale `1/√hd`, no mask, no softcap, not causal.
+const OPTIONS: AttentionModuleOptions = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
 
 #[backend_extension(Cube, Fusion)]
-pub trait FlashUnitOps: Backend {
-    /// Unit flash attention with the default scale and no mask (f32); the fallback in groups
-    /// of `group` heads where it cannot launch.
+pub trait ExactAttentionOps: Backend {
+    /// Exact f32 attention with the default scale and no mask, by `kernel` (see
+    /// [`ExactKernel`]), `group` heads a call where it runs the head groups.
     #[fusion(dtype = burn::tensor::DType::F32, shape = Shape::new([q[0], q[1], q[2], v[3]]))]
-    fn flash_unit(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, group: usize) -> FloatTensor<Self>;
+    fn exact_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, group: usize, kernel: ExactKernel) -> FloatTensor<Self>;
 }
 
-impl FlashUnitOps for CubeBackend {
-    fn flash_unit(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, group: usize) -> FloatTensor<Self> {
-        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
-        let unit = Strategy::Unit(BlueprintStrategy::Inferred(()));
-        match flash_attention(q.clone(), k.clone(), v.clone(), None, None, options, unit) {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::debug!("unit flash attention cannot launch ({e:?}): the fallback in groups of {group} heads");
-                let heads = q.meta.shape()[1];
-                let parts = (0..heads)
-                    .step_by(group)
-                    .map(|start| {
-                        let heads = Slice::from(start..(start + group).min(heads));
-                        let cut = |t: &FloatTensor<Self>| Self::float_slice(t.clone(), &[Slice::from(..), heads, Slice::from(..), Slice::from(..)]);
-                        attention_fallback::<Self>(cut(&q), cut(&k), cut(&v), None, None, options)
-                    })
-                    .collect();
-                Self::float_cat(parts, 1)
+impl ExactAttentionOps for CubeBackend {
+    fn exact_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, group: usize, kernel: ExactKernel) -> FloatTensor<Self> {
+        match kernel {
+            ExactKernel::Tuned => {
+                let client = q.client.clone();
+                let id = CubeTuneId::new(&client, &q.device);
+                let candidates = EXACT_TUNER.init(&id, exact_candidates);
+                EXACT_TUNER.execute(&id, &client, candidates, (q, k, v, group))
             }
+            ExactKernel::Unit => unit_flash(q.clone(), k.clone(), v.clone()).unwrap_or_else(|e| {
+                tracing::debug!("unit flash attention cannot launch ({e}): the fallback in groups of {group} heads");
+                head_groups(q, k, v, group)
+            }),
+            ExactKernel::Groups => head_groups(q, k, v, group),
         }
     }
 }
@@ -182,17 +281,17 @@ impl FlashTilesOps for CubeBackend {
     /// calls go through burn's tuning where it launched, and to exact f32 attention (burn's
     /// unit flash kernel, no score matrix either) where it did not, with a warning.
     fn flash_tiles(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>) -> FloatTensor<Self> {
-        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
         let key = (q.device.clone(), q.meta.shape().to_vec(), k.meta.shape().to_vec());
         let known = LAUNCHES.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
         let exact = |q, k, v| {
             let f32 = |x| Self::float_cast(x, FloatDType::F32);
-            // Group 1: the unit kernel's own fallback, for an adapter without plane operations,
-            // which one with cooperative matrices does not lack.
-            Self::float_cast(Self::flash_unit(f32(q), f32(k), f32(v), 1), FloatDType::F16)
+            // The unit kernel: no scores, which the plan of a run on f16 tiles has no room for.
+            // Its fallback in groups of 1 is for an adapter without plane operations, which
+            // one with cooperative matrices does not lack.
+            Self::float_cast(Self::exact_attention(f32(q), f32(k), f32(v), 1, ExactKernel::Unit), FloatDType::F16)
         };
         match known {
-            Some(true) => Self::attention(q, k, v, None, None, options),
+            Some(true) => Self::attention(q, k, v, None, None, OPTIONS),
             Some(false) => exact(q, k, v),
             None => {
                 let planes = BlackboxAcceleratedStrategy { num_planes: 8, seq_q: 1, seq_kv: 1 };
@@ -200,7 +299,7 @@ impl FlashTilesOps for CubeBackend {
                 // A launch is queued, not run: a driver that refuses the kernel's pipeline fails
                 // it later, at the first read of its output. So one element is read back here
                 // (a wait for the device, once per shape).
-                let launched = flash_attention(q.clone(), k.clone(), v.clone(), None, None, options, strategy)
+                let launched = flash_attention(q.clone(), k.clone(), v.clone(), None, None, OPTIONS, strategy)
                     .map_err(|e| format!("{e:?}"))
                     .and_then(|o| {
                         let first = Self::float_slice(o.clone(), &[Slice::from(0..1); 4]);

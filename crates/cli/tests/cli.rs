@@ -346,6 +346,8 @@ fn bench_reports_every_stage() {
     let image = v["image_seconds"].as_f64().unwrap();
     assert!((image - parts - 49.0 * f("median_step_seconds")).abs() <= 1e-9 * image.max(1.0), "{v}");
     assert_eq!(v["attention"], "f32", "{v}");
+    // The CPU backend's attention is its own kernel, not one of the GPU's exact kernels.
+    assert!(v["report"]["dit_exact_attention"].is_null(), "{v}");
     // The path before flash, to compare: the plan says so.
     let o = cogview(&["bench", "--preset", "tiny", "--width", "64", "--height", "64", "--steps", "1", "--device", "cpu", "--attention", "grouped", "--json"]);
     assert!(o.status.success());

@@ -190,6 +190,9 @@ fn a_warmup_leaves_nothing_to_tune() {
     finish("bench", out);
     let report: serde_json::Value = serde_json::from_slice(&stdout).expect("bench JSON");
     assert_eq!((&report["report"]["dit_kernels"]["tuned"], &report["memory_samples"]), (&0.into(), &false.into()), "{report}");
+    // The transformer's exact f32 attention: the kernel the warmup's autotune chose, read back.
+    let exact = report["report"]["dit_exact_attention"].as_str();
+    assert!(matches!(exact, Some("unit_flash" | "head_groups")), "{report}");
 }
 
 /// Two processes filling one empty cache at once (given by the environment variable) both

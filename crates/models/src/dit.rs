@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
-use cogview_shaders::flash::FlashTiles;
+use cogview_shaders::flash::{ExactKernel, FlashTiles};
 use serde::Deserialize;
 
 use crate::nn::{Linear, gelu_tanh, layer_norm, layer_norm_modulate, silu};
@@ -264,14 +264,14 @@ fn clip_f16(x: Tensor<3>) -> Tensor<3> {
 /// (`cogview_shaders::flash`): one call, no score matrix, no head groups (exact f32 flash at a
 /// shape that kernel refuses).
 ///
-/// Otherwise attention is exact f32 flash, with no score matrix either: cogview's kernel on the
-/// CPU backend, burn's unit flash kernel on a GPU (`cogview_shaders::flash::exact_attention`,
-/// launched directly: burn's own choice would try its accelerated kernel, which at head size 40
-/// silently degrades to the fallback). Where that kernel cannot launch, and for other dtypes,
-/// burn's fallback materialises `[N, H, T, T]` scores: 4.8 GB per image at 1024² (64 heads,
-/// 4320 tokens), past the 2 GiB binding limit of Vulkan and DX12. So heads are then processed
-/// in groups whose score matrix fits `max_scores_bytes`: at the real shape with a 1 GiB budget
-/// that is 14 heads a call, 5 calls a block.
+/// Otherwise attention is exact f32: cogview's flash kernel on the CPU backend (no score
+/// matrix); on a GPU, burn's unit flash kernel or burn's attention in head groups, whichever
+/// autotune finds faster there (`cogview_shaders::flash::exact_attention`; burn's own choice
+/// would try its accelerated kernel, which at head size 40 silently degrades to the fallback on
+/// all heads at once). That fallback materialises `[N, H, T, T]` scores: 4.8 GB per image at
+/// 1024² (64 heads, 4320 tokens), past the 2 GiB binding limit of Vulkan and DX12. So heads are
+/// processed in groups whose score matrix fits `max_scores_bytes`, there and for other dtypes:
+/// at the real shape with a 1 GiB budget that is 14 heads a call, 5 calls a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionLimits {
     pub max_scores_bytes: u64,
@@ -298,8 +298,26 @@ impl AttentionLimits {
         ((self.max_scores_bytes / per_head.max(1)) as usize).clamp(1, heads)
     }
 
+    /// Whether one head of all `n` images' scores passes the budget, so that attention runs
+    /// one image a call.
+    fn per_image(&self, n: usize, t: usize) -> bool {
+        n > 1 && (n * t * t * 4) as u64 > self.max_scores_bytes
+    }
+
+    /// The exact f32 kernel [`Self::attention`] chose on `device` for `n` images of `t` tokens
+    /// (unit flash or head groups, whichever autotune found faster there): `None` where it
+    /// runs something else (flash on f16 tiles, the CPU backend's kernel, `grouped`) or has not
+    /// run at that shape yet.
+    pub fn exact_kernel(&self, device: &Device, n: usize, heads: usize, t: usize, hd: usize) -> Option<ExactKernel> {
+        if self.flash.is_some() || self.grouped {
+            return None;
+        }
+        let n = if self.per_image(n, t) { 1 } else { n };
+        cogview_shaders::flash::exact_kernel(device, [n, heads, t, hd], [n, heads, t, hd], self.heads_per_call(n, heads, t))
+    }
+
     /// Scaled dot-product attention, `softmax(q kᵀ / sqrt(hd)) v`, no mask: flash on f16 tiles,
-    /// exact f32 flash, or burn's attention in head groups (see the type's doc).
+    /// exact f32 attention, or burn's attention in head groups (see the type's doc).
     ///
     /// # Shapes
     /// - q, k, v: `[N, H, T, hd]` → `[N, H, T, hd]`
@@ -313,7 +331,7 @@ impl AttentionLimits {
             // thread, never a [T, T] matrix, so no head groups.
             return cogview_shaders::attention::attention(q, k, v, None, 1.0 / (hd as f64).sqrt());
         }
-        if n > 1 && (n * t * t * 4) as u64 > self.max_scores_bytes {
+        if self.per_image(n, t) {
             // One head of the whole batch is already too much: one image at a time.
             let parts = (0..n)
                 .map(|i| self.attention(q.clone().narrow(0, i, 1), k.clone().narrow(0, i, 1), v.clone().narrow(0, i, 1)))
@@ -322,9 +340,9 @@ impl AttentionLimits {
         }
         let group = self.heads_per_call(n, h, t);
         if !self.grouped && !matches!(q.device().as_dispatch(), burn::backend::DispatchDevice::Flex(_)) && q.dtype() == DType::F32 {
-            // A GPU in f32: exact flash attention, the fallback in these groups only where it
-            // cannot launch.
-            return cogview_shaders::flash::exact_attention(q, k, v, group);
+            // A GPU in f32: exact attention, unit flash or these head groups, whichever is
+            // faster on the adapter.
+            return cogview_shaders::flash::exact_attention(q, k, v, group, ExactKernel::Tuned);
         }
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
         if group >= h {

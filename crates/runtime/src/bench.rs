@@ -10,6 +10,7 @@ use cogview_import::KeyRecorder;
 use cogview_models::dit::DitBlock;
 use cogview_models::t5::T5Block;
 use cogview_models::{Configs, WeightStorage};
+use cogview_shaders::flash::ExactKernel;
 use serde::Serialize;
 
 use crate::error::RuntimeError;
@@ -86,6 +87,10 @@ pub struct BenchReport {
     pub encode_kernels: Kernels,
     pub dit_kernels: Kernels,
     pub vae_kernels: Kernels,
+    /// The exact f32 attention kernel the transformer ran (`unit_flash` or `head_groups`,
+    /// whichever autotune found faster on the adapter); `None` where it ran another (flash on
+    /// f16 tiles, the CPU backend's kernel, `--attention grouped`) or did not run.
+    pub dit_exact_attention: Option<ExactKernel>,
     /// Stored weight bytes of one DiT block and one T5 block (for extrapolating `--layers`
     /// runs to the full depth).
     pub dit_block_weight_bytes: u64,
@@ -232,7 +237,10 @@ pub fn bench(full: &Configs, settings: &BenchSettings, target: &Target, progress
         "bench: T5 {} ({} layers), DiT {} ({} layers), VAE {}, weights {}",
         plan.text.mode, configs.text_encoder.num_layers, plan.denoise.mode, configs.transformer.num_layers, plan.decode.mode, plan.storage
     );
+    let dit = &configs.transformer;
+    let (images, tokens) = (if request.cfg() { 2 } else { 1 }, request.tokens(&configs));
     let Measured { text, encode, denoise, steps, guard, decode } = run_stages(&mut pipeline, request, &plan, settings, target, progress)?;
+    let dit_exact_attention = plan.attention().exact_kernel(&target.device, images, dit.num_attention_heads, tokens, dit.attention_head_dim);
     // With one step, the first is also the median.
     let later = if steps.len() > 1 { &steps[1..] } else { &steps[..] };
     Ok(BenchReport {
@@ -259,6 +267,7 @@ pub fn bench(full: &Configs, settings: &BenchSettings, target: &Target, progress
         encode_kernels: encode.kernels,
         dit_kernels: denoise.kernels,
         vae_kernels: decode.kernels,
+        dit_exact_attention,
         dit_block_weight_bytes: dit_block,
         t5_block_weight_bytes: t5_block,
         t5_peak_full_depth: full_depth(&text, plan.text.mode, blocks(full.text_encoder.num_layers, configs.text_encoder.num_layers) * t5_block),

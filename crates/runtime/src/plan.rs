@@ -265,10 +265,11 @@ impl Plan {
                 "attention   flash on f16 tiles with f32 sums (heads padded to {}, queries to {}): no score matrix, no head groups\n",
                 t.head, t.rows
             ),
-            // The f32 kernels (burn's unit flash on a GPU, cogview's on the CPU) hold no score
-            // matrix either; the budget is for burn's fallback where they cannot launch.
+            // The CPU backend's kernel and burn's unit flash kernel hold no score matrix; the
+            // budget is for the head groups, which a GPU's autotune may find faster, and for
+            // burn's fallback where the unit kernel cannot launch.
             None => format!(
-                "attention   exact f32 flash; where it cannot launch, at most {} of scores per call\n",
+                "attention   exact f32: flash, or head groups of at most {} of scores per call where faster\n",
                 human(self.attention_scores_bytes)
             ),
         };
