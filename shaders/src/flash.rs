@@ -116,7 +116,7 @@ pub fn launched(device: &Device, q: [usize; 4], k: [usize; 4], tiles: FlashTiles
 /// # Shapes
 /// - as [`attention`]
 pub fn attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    burn_attention(q, k, v, None, None, AttentionModuleOptions { scale: None, softcap: None, is_causal: false })
+    burn_attention(q, k, v, None, None, OPTIONS)
 }
 
 /// Which kernel [`exact_attention`] runs. Both are exact f32 with no `[N, H, T, T]` score
@@ -124,19 +124,23 @@ pub fn attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4
 /// score matrix at all but gives each unit eight query rows of 40 in registers and multiplies
 /// without matrix hardware, while the head groups run burn's tuned matrix products and write
 /// one group's scores (within the caller's budget) to memory and read them back twice.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ExactKernel {
     /// The faster of the other two for this shape on this adapter: CubeCL's autotune times
     /// both once and keeps its choice with the other tuning results (the kernel cache), so
     /// a later process does not time them again.
-    #[serde(rename = "tuned")]
     Tuned,
     /// burn's unit flash kernel; the head groups where it cannot launch (no plane operations).
-    #[serde(rename = "unit_flash")]
     Unit,
     /// burn's attention fallback, `group` heads a call.
-    #[serde(rename = "head_groups")]
     Groups,
+}
+
+/// By its name (`unit_flash`, `head_groups`), as in the tuning results.
+impl serde::Serialize for ExactKernel {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 impl std::fmt::Display for ExactKernel {
@@ -172,7 +176,7 @@ pub fn exact_kernel(device: &Device, q: [usize; 4], k: [usize; 4], group: usize)
     let burn::backend::DispatchDevice::Cube(d) = device.as_dispatch() else { return None };
     let client = d.client();
     let id = CubeTuneId::new(&client, d);
-    let key = ExactAttentionKey::new(q[0] * q[1], q[2], k[2], q[3], group.max(1));
+    let key = exact_key(&q, &k, group.max(1));
     EXACT_TUNER.fastest_identity(&id, &EXACT_TUNER.init(&id, exact_candidates), &key)
 }
 
@@ -191,6 +195,11 @@ pub struct ExactAttentionKey {
     group: usize,
 }
 
+/// The key of q and k of these shapes and this group size.
+fn exact_key(q: &[usize], k: &[usize], group: usize) -> ExactAttentionKey {
+    ExactAttentionKey::new(q[0] * q[1], q[2], k[2], q[3], group)
+}
+
 /// q, k, v and the group size.
 type ExactInputs = (CubeTensor, CubeTensor, CubeTensor, usize);
 
@@ -199,10 +208,7 @@ static EXACT_TUNER: LocalTuner<ExactAttentionKey, CubeTuneId> = local_tuner!();
 /// [`ExactKernel::Tuned`]'s candidates, both timed for every key (one group, one priority).
 /// The head groups come first: they launch everywhere.
 fn exact_candidates() -> TunableSet<ExactAttentionKey, ExactInputs, CubeTensor, ExactKernel> {
-    let key = |(q, k, _, group): &ExactInputs| {
-        let (q, k) = (q.meta.shape(), k.meta.shape());
-        ExactAttentionKey::new(q[0] * q[1], q[2], k[2], q[3], *group)
-    };
+    let key = |(q, k, _, group): &ExactInputs| exact_key(q.meta.shape(), k.meta.shape(), *group);
     let both = TuneGroup::<ExactAttentionKey>::new("exact_attention", |_| 1);
     TunableSet::new_cloning_inputs(key)
         .with(Tunable::identified(ExactKernel::Groups, |(q, k, v, group)| Ok::<_, String>(head_groups(q, k, v, group))).group(&both, |_| 1))
