@@ -206,8 +206,11 @@ impl DitBlock {
         // shift, scale, gate (msa), shift, scale, gate (mlp), then the same six for the text.
         let m: Vec<Tensor<3>> = m.chunk(12, 1).into_iter().map(|t| t.unsqueeze_dim(1)).collect(); // 12 × [N, 1, D]
         let modulate = |h: Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>| layer_norm_modulate(h, shift.clone(), scale.clone(), 1e-5);
-        let nx = modulate(x.clone(), &m[0], &m[1]);
+        // The text's norm is queued first. In the other order burn's fusion, under bf16 products,
+        // could not order the image norm's tail, the text norm and the concatenation after the
+        // previous block's last kernel, and ran those 14 operations as 14 kernels.
         let nc = modulate(c.clone(), &m[6], &m[7]);
+        let nx = modulate(x.clone(), &m[0], &m[1]);
 
         // Joint attention over [text, image].
         let joint = Tensor::cat(vec![nc, nx], 1); // [N, L+S, D]
