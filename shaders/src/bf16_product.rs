@@ -50,8 +50,9 @@ pub fn available(device: &Device) -> bool {
 /// `x · weightᵀ + bias` with `x` and `weight` rounded to bf16 and the sums in f32.
 ///
 /// On CubeCL adapters the product runs on the matrix hardware (`weight` must be a bf16 tensor
-/// there, or f16: see the module doc); on burn's CPU backend it is emulated (any float dtype;
-/// an f16 weight rounds to f16 instead). The output is f32.
+/// there, or f16: see the module doc; `x` may already be in the weight's dtype, rounded once
+/// for several products); on burn's CPU backend it is emulated (any float dtype; an f16 weight
+/// rounds to f16 instead). The output is f32.
 ///
 /// # Shapes
 /// - x: `[rows, d_in]` (f32), weight: `[d_out, d_in]` (bf16), bias: `[d_out]` (f32) →
@@ -119,8 +120,8 @@ pub fn bf16_linear_reference(x: Tensor<2>, weight: Tensor<2>, bias: Option<Tenso
 /// positions outside the output (the right and bottom padding of each image) are dropped at the
 /// end. The k² products are summed in f32 (the order of the sums differs from a direct
 /// convolution's, not their terms: each term, a product of two bf16 values, is exact in f32).
-/// The kernel is laid out tap-major in f32 once per call and each tap's slice rounded to bf16,
-/// which is exact.
+/// The kernel is laid out tap-major in f32 once per call and rounded back to bf16 (exact); on
+/// a GPU the padded input is rounded to bf16 once too, and each tap reads its windows of both.
 ///
 /// # Shapes
 /// - x: `[N, C_in, H, W]` (f32), weight: `[C_out, C_in, kh, kw]` (bf16 on a GPU, or f16 as in
@@ -142,7 +143,10 @@ pub fn bf16_conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, padding: [u
         .reshape([rows, c_in])
         .pad([(0, tail), (0, 0)], PadMode::Constant(0.0));
     let taps = weight.cast(DType::F32).permute([2, 3, 0, 1]).reshape([kh * kw * c_out, c_in]);
+    // On a GPU the input and the kernel are rounded to bf16 once for all k² products (each
+    // product would otherwise round its own window, k² casts of nearly the whole input).
     let on_cpu = matches!(flat.device().as_dispatch(), burn::backend::DispatchDevice::Flex(_));
+    let (flat, taps) = if on_cpu { (flat, taps) } else { (flat.cast(half), taps.cast(half)) };
     let mut y: Option<Tensor<2>> = None;
     for i in 0..kh {
         for j in 0..kw {
@@ -150,7 +154,7 @@ pub fn bf16_conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, padding: [u
             let window = flat.clone().slice([shift..shift + rows, 0..c_in]);
             let t = (i * kw + j) * c_out;
             let at = taps.clone().slice([t..t + c_out, 0..c_in]);
-            let p = bf16_linear(window, if on_cpu { at } else { at.cast(half) }, None);
+            let p = bf16_linear(window, at, None);
             y = Some(match y {
                 Some(sum) => sum + p,
                 None => p,
