@@ -19,11 +19,13 @@
 //! - **f16 range**: q and k come out of the transformer's LayerNorm without affine parameters
 //!   (`qk_norm`), so every element of a head has `|x| ≤ √(hd − 1)` (6.2 at 40; 6.8 after the
 //!   `√(48/40)`), far inside f16's 65504, and the score sums are f32. v is not normalised, and
-//!   CogView3-Plus's activations do pass 65504 (why f16 gives black images), so v is divided by
-//!   its largest magnitude before the kernel and the output multiplied back by it: the softmax
-//!   weights are in `[0, 1]` and sum to one, so every f16 operand (v, and the weights) is at
-//!   most 1 and every output at most that largest magnitude. A NaN or an infinity in v makes
-//!   the divisor NaN or infinite, so the output is NaN and the non-finite guard stops the run.
+//!   CogView3-Plus's activations do pass 65504 (why f16 gives black images), so each column of
+//!   v (one of a head's 40 values, over the tokens) is divided by its largest magnitude before
+//!   the kernel and the output's column multiplied back by it: the softmax weights are in
+//!   `[0, 1]` and sum to one, so every f16 operand (v, and the weights) is at most 1 and every
+//!   output at most its column's largest magnitude. A NaN or an infinity in v makes its
+//!   column's divisor NaN or infinite (or the quotient inf/inf), so the output is NaN and the
+//!   non-finite guard stops the run.
 //! - **dtype**: the kernel reads q, k and v in its tiles' dtype and writes its output in it, so
 //!   they are cast to f16 before it and the output (at most 1) back to f32. Given f32 inputs it
 //!   reports an invalid configuration too, and burn's quiet fallback would materialise the
@@ -328,23 +330,27 @@ fn padded(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, tiles: FlashTiles, round: bo
     let (hd_pad, t_pad) = tiles.padded(t, hd);
     // Zero rows up to `rows`, zero columns up to `hd_pad`.
     let pad = |x: Tensor<4>, rows: usize| x.pad([(0, rows - t), (0, hd_pad - hd)], PadMode::Constant(0.0));
-    // The divisor of v: its largest magnitude (f32's smallest normal for an all-zero v).
-    let v_max = v.clone().abs().max().clamp_min(f32::MIN_POSITIVE).reshape([1, 1, 1, 1]);
-    let q = pad(q.mul_scalar((hd_pad as f64 / hd as f64).sqrt()), t_pad);
-    let k = pad(k, t);
-    let v = pad(v / v_max.clone(), t);
+    // The divisor of v: each of its columns' largest magnitude over the tokens (f32's smallest
+    // normal for an all-zero column). The output's column is a weighted mean of v's, so it is
+    // multiplied back by the same number; one reduction over one dim, where v's largest
+    // magnitude overall took one per dim.
+    let v_max = v.clone().abs().max_dim(2).clamp_min(f32::MIN_POSITIVE); // [N, H, 1, hd]
+    let q = q.mul_scalar((hd_pad as f64 / hd as f64).sqrt());
+    let v = v / v_max.clone();
     let o = match q.device().as_dispatch() {
         burn::backend::DispatchDevice::Flex(_) => {
             let f16 = |x: Tensor<4>| if round { x.cast(DType::F16).cast(DType::F32) } else { x };
+            let (q, k, v) = (pad(q, t_pad), pad(k, t), pad(v, t));
             f16(crate::attention::attention(f16(q), f16(k), f16(v), None, 1.0 / (hd_pad as f64).sqrt()))
         }
         // The kernel's inputs must already be in its tiles' dtype: given f32, it reports an
         // invalid configuration ("Query global and tile types must be the same") and burn
         // silently runs its fallback, which materialises every head's scores (seen on lavapipe
-        // with Mesa 26's cooperative matrices).
+        // with Mesa 26's cooperative matrices). Cast before the padding, which then moves half
+        // the bytes, and the scaling of q and v joins the cast's kernel.
         _ => {
-            let f16 = |x: Tensor<4>| x.cast(DType::F16).into_dispatch();
-            Tensor::<4>::from_dispatch(Dispatch::flash_tiles(f16(q), f16(k), f16(v))).cast(DType::F32)
+            let f16 = |x: Tensor<4>, rows: usize| pad(x.cast(DType::F16), rows).into_dispatch();
+            Tensor::<4>::from_dispatch(Dispatch::flash_tiles(f16(q, t_pad), f16(k, t), f16(v, t))).cast(DType::F32)
         }
     };
     o.slice([0..n, 0..h, 0..t, 0..hd]) * v_max
