@@ -59,6 +59,13 @@ impl Configs {
         self.vae.scale_factor() * self.transformer.patch_size
     }
 
+    /// The transformer's joint sequence for an image of `height × width` pixels: `text_len`
+    /// text tokens (the padded prompt) and the image's patches.
+    pub fn dit_tokens(&self, text_len: usize, height: usize, width: usize) -> usize {
+        let pixels = self.pixels_per_token();
+        text_len + (height / pixels) * (width / pixels)
+    }
+
     /// What the components must agree on; the error is about the transformer's config.
     pub fn check_across(&self) -> Result<(), String> {
         if self.text_encoder.d_model != self.transformer.text_embed_dim {

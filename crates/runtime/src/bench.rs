@@ -238,7 +238,7 @@ pub fn bench(full: &Configs, settings: &BenchSettings, target: &Target, progress
         plan.text.mode, configs.text_encoder.num_layers, plan.denoise.mode, configs.transformer.num_layers, plan.decode.mode, plan.storage
     );
     let dit = &configs.transformer;
-    let (images, tokens) = (if request.cfg() { 2 } else { 1 }, request.tokens(&configs));
+    let (images, tokens) = (if request.cfg() { 2 } else { 1 }, configs.dit_tokens(request.max_sequence_length, request.height, request.width));
     let Measured { text, encode, denoise, steps, guard, decode } = run_stages(&mut pipeline, request, &plan, settings, target, progress)?;
     let dit_exact_attention = plan.attention().exact_kernel(&target.device, images, dit.num_attention_heads, tokens, dit.attention_head_dim);
     // With one step, the first is also the median.

@@ -510,9 +510,7 @@ fn plan_denoise(input: &PlanInput, storage: WeightStorage) -> (StagePlan<Residen
     // Widening at use keeps one layer's compute-dtype copy alive: the feed-forward's.
     let widened = if matches!(storage, WeightStorage::Compute | WeightStorage::Bf16Products) { 0 } else { (dit.inner_dim() * 4 * dit.inner_dim() * input.compute.size()) as u64 };
     let n = if input.cfg { 2 } else { 1 };
-    let p = dit.patch_size;
-    let f = input.configs.vae.scale_factor();
-    let tokens = input.text_len + (input.height / f / p) * (input.width / f / p);
+    let tokens = input.configs.dit_tokens(input.text_len, input.height, input.width);
     let max_buffer = input.max_binding.unwrap_or(u64::MAX);
     let caps = attention_caps(input, tokens);
     // The largest attention cap that fits with these weights (the smallest if none does).

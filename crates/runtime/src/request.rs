@@ -81,14 +81,6 @@ impl Request {
         [configs.transformer.in_channels, self.height / f, self.width / f]
     }
 
-    /// The transformer's joint sequence: the text tokens (padded to `max_sequence_length`)
-    /// and the image's patches.
-    pub fn tokens(&self, configs: &Configs) -> usize {
-        let [_, h, w] = self.latent_shape(configs);
-        let p = configs.transformer.patch_size;
-        self.max_sequence_length + (h / p) * (w / p)
-    }
-
     /// Checks every field against the model: an error names the first field that cannot run;
     /// the warnings say what runs but is not what the model card recommends.
     pub fn validate(&self, configs: &Configs) -> Result<Vec<String>, RequestError> {
