@@ -217,7 +217,9 @@ impl T5Block {
     /// - h: `[B, L, D]`, position_bias: `[1, H, L, L]` (f32) → `[B, L, D]`
     pub fn forward(&self, h: Tensor<3>, position_bias: &Tensor<4>, name: &str, probe: &mut impl Probe) -> Tensor<3> {
         let [b, l, _] = h.dims();
-        let n = rms_norm(h.clone(), &self.attn_norm, self.eps);
+        // This reshape follows the previous block's residual add, which this block cannot reach
+        // (see rms_norm); under bf16 products fusion leaves this norm and the softmax unfused.
+        let n = rms_norm(h.clone(), self.attn_norm.clone().unsqueeze(), self.eps);
         let split = |x: Tensor<3>| x.reshape([b, l, self.heads, self.d_kv]).swap_dims(1, 2); // [B, H, L, dk]
         let (q, k, v) = (split(self.q.forward(n.clone())), split(self.k.forward(n.clone())), split(self.v.forward(n)));
         // T5 does not scale its scores by 1/sqrt(d_kv).
@@ -233,9 +235,11 @@ impl T5Block {
         let a = a.swap_dims(1, 2).reshape([b, l, self.heads * self.d_kv]);
         let a = self.o.forward(a);
         probe.check(|| format!("{name}.layer.0.SelfAttention.o"), &a);
+        // Reshaped before the residual add (see rms_norm).
+        let ff_norm = self.ff_norm.clone().unsqueeze();
         let h = clamp_f16(add_promoted(h, a));
 
-        let n = rms_norm(h.clone(), &self.ff_norm, self.eps);
+        let n = rms_norm(h.clone(), ff_norm, self.eps);
         let act = |x: Tensor<3>| match self.act {
             Activation::GeluTanh => gelu_tanh(x),
             Activation::Gelu => gelu(x),
@@ -244,14 +248,15 @@ impl T5Block {
         let pre = self.wi_0.forward(n.clone());
         let wi_0_name = if self.wi_1.is_some() { "wi_0" } else { "wi" };
         probe.check(|| format!("{name}.layer.1.DenseReluDense.{wi_0_name}"), &pre);
-        let hidden = act(pre);
-        let hidden = match &self.wi_1 {
-            Some(wi_1) => {
-                let gate = wi_1.forward(n);
-                probe.check(|| format!("{name}.layer.1.DenseReluDense.wi_1"), &gate);
-                hidden * gate
-            }
-            None => hidden,
+        // Both products are queued before the activation, so that the activation and the gate's
+        // multiply run as one fused kernel on a GPU.
+        let gate = self.wi_1.as_ref().map(|wi_1| wi_1.forward(n));
+        if let Some(gate) = &gate {
+            probe.check(|| format!("{name}.layer.1.DenseReluDense.wi_1"), gate);
+        }
+        let hidden = match gate {
+            Some(gate) => act(pre) * gate,
+            None => act(pre),
         };
         let f = self.wo.forward(hidden);
         probe.check(|| format!("{name}.layer.1.DenseReluDense.wo"), &f);
@@ -342,7 +347,7 @@ impl T5Embedding {
     /// - h: `[B, L, D]` → `[B, L, D]`
     pub fn final_norm(&self, h: Tensor<3>) -> Tensor<3> {
         let w = self.final_layer_norm.clone().to_device(&h.device());
-        rms_norm(h, &w, self.config.layer_norm_epsilon)
+        rms_norm(h, w.unsqueeze(), self.config.layer_norm_epsilon)
     }
 }
 
