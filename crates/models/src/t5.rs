@@ -248,14 +248,14 @@ impl T5Block {
         let pre = self.wi_0.forward(n.clone());
         let wi_0_name = if self.wi_1.is_some() { "wi_0" } else { "wi" };
         probe.check(|| format!("{name}.layer.1.DenseReluDense.{wi_0_name}"), &pre);
-        // Both products are queued before the activation, so that the activation and the gate's
-        // multiply run as one fused kernel on a GPU.
-        let gate = self.wi_1.as_ref().map(|wi_1| wi_1.forward(n));
-        if let Some(gate) = &gate {
-            probe.check(|| format!("{name}.layer.1.DenseReluDense.wi_1"), gate);
-        }
-        let hidden = match gate {
-            Some(gate) => act(pre) * gate,
+        let hidden = match &self.wi_1 {
+            Some(wi_1) => {
+                // The gate's product is queued before the activation, so that the activation and
+                // the gate's multiply run as one fused kernel on a GPU.
+                let gate = wi_1.forward(n);
+                probe.check(|| format!("{name}.layer.1.DenseReluDense.wi_1"), &gate);
+                act(pre) * gate
+            }
             None => act(pre),
         };
         let f = self.wo.forward(hidden);
